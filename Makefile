@@ -1,0 +1,23 @@
+# athena_deferred: built with PGXS
+PG_CONFIG ?= pg_config
+MODULE_big = athena_deferred
+OBJS = src/athena_deferred.o src/enqueue.o src/queue.o src/flush.o src/worker.o src/notify.o
+
+EXTENSION = athena_deferred
+DATA = athena_deferred--0.1.0.sql
+
+# the server headers are not -Wextra clean: treat them as system headers
+PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) -Wall -Wextra -Werror
+SHLIB_LINK = -ljansson
+
+# pg_regress and isolation tests run in a temporary instance with the
+# library preloaded (regress.conf)
+REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --temp-instance=tmp_check --temp-config=regress.conf
+ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION_OPTS = --temp-instance=tmp_check_iso --temp-config=regress.conf
+TAP_TESTS = 1
+
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

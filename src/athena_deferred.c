@@ -1,0 +1,200 @@
+/*-------------------------------------------------------------------------
+ *
+ * athena_deferred.c
+ *		Start-up: settings, shared memory, the background worker.
+ *
+ * The library must be loaded through shared_preload_libraries, since its
+ * queue lives in shared memory allocated at server start.  No SQL work is
+ * done here.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/shmem.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/rel.h"
+
+#include "athena_deferred.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+/* Settings: see the README for what each one does */
+bool		deferred_enabled = true;
+int			deferred_batch_window_ms = 1000;
+int			deferred_batch_max_size = 100;
+int			deferred_max_flush_attempts = 10;
+int			deferred_queue_size_kb = 16 * 1024;
+int			deferred_enqueue_timeout_ms = 5000;
+char	   *deferred_notify_channel = NULL;
+bool		deferred_skip_cache_invalidation = false;
+char	   *deferred_database = NULL;
+
+DeferredShared *deferred_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+extern void enqueue_init(void);
+
+/* Ask for the queue's shared memory and its lock */
+static void
+deferred_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(queue_shmem_size());
+	RequestNamedLWLockTranche(ATHENA_EXTENSION_NAME, 1);
+}
+
+/* Attach to (or create) the queue in shared memory */
+static void
+deferred_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	deferred_shared = ShmemInitStruct(ATHENA_EXTENSION_NAME, queue_shmem_size(), &found);
+	if (!found)
+	{
+		queue_shmem_init(deferred_shared, found);
+		deferred_shared->lock = &(GetNamedLWLockTranche(ATHENA_EXTENSION_NAME))->lock;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+deferred_define_settings(void)
+{
+	DefineCustomBoolVariable("athena_deferred.enabled",
+							 "Queues mutations for the background worker; when off, applies them at once.",
+							 NULL,
+							 &deferred_enabled, true,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.batch_window_ms",
+							"Interval between timed flushes; 0 disables the timer.",
+							NULL,
+							&deferred_batch_window_ms, 1000, 0, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.batch_max_size",
+							"Pending entries that wake the worker before its timer; 0 disables.",
+							NULL,
+							&deferred_batch_max_size, 100, 0, INT_MAX,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.max_flush_attempts",
+							"Failed flush attempts after which an entry is dead-lettered.",
+							NULL,
+							&deferred_max_flush_attempts, 10, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.queue_size",
+							"Shared memory for the queue of pending entries.",
+							NULL,
+							&deferred_queue_size_kb, 16 * 1024, 64, INT_MAX / 2,
+							PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.enqueue_timeout_ms",
+							"How long a call waits for room in a full queue before failing.",
+							NULL,
+							&deferred_enqueue_timeout_ms, 5000, 0, INT_MAX,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("athena_deferred.notify_channel",
+							   "Channel of the NOTIFY sent for each table after a flush.",
+							   NULL,
+							   &deferred_notify_channel, ATHENA_EXTENSION_NAME,
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("athena_deferred.skip_cache_invalidation",
+							 "Suppresses the NOTIFY after flushes and immediate mutations.",
+							 NULL,
+							 &deferred_skip_cache_invalidation, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("athena_deferred.database",
+							   "Database the worker connects to; mutations can be queued only there.",
+							   NULL,
+							   &deferred_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved(ATHENA_EXTENSION_NAME);
+}
+
+/* Module load: refuse anything but shared_preload_libraries */
+void
+_PG_init(void)
+{
+	if (!process_shared_preload_libraries_in_progress)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("athena_deferred must be loaded via shared_preload_libraries"),
+				 errhint("Add athena_deferred to shared_preload_libraries in postgresql.conf and restart the server.")));
+
+	deferred_define_settings();
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = deferred_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = deferred_shmem_startup;
+
+	enqueue_init();
+	deferred_register_worker();
+}
+
+/* Name of an operation, as in payloads, dead letters and notifications */
+const char *
+deferred_op_name(DeferredOp op)
+{
+	switch (op)
+	{
+		case DEFERRED_INSERT:
+			return "insert";
+		case DEFERRED_UPDATE:
+			return "update";
+		case DEFERRED_DELETE:
+			return "delete";
+	}
+	return "unknown";
+}
+
+/*
+ * Schema of the extension in the current database, or InvalidOid if it is
+ * not installed here.  (PostgreSQL 15 does not export a lookup for this.)
+ */
+Oid
+deferred_extension_schema(void)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	Oid			nspid = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum(ATHENA_EXTENSION_NAME));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+		nspid = ((Form_pg_extension) GETSTRUCT(tuple))->extnamespace;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return nspid;
+}

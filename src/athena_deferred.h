@@ -1,0 +1,211 @@
+/*-------------------------------------------------------------------------
+ *
+ * athena_deferred.h
+ *		Shared definitions of athena_deferred: the entry format, the
+ *		shared-memory queue and the lock that guards it, and the settings.
+ *
+ * The path of one mutation:
+ *
+ *	enqueue.c	deferred_insert() & co. validate the call, serialize the entry
+ *				and account for its space in the queue (the only place a full
+ *				queue makes a caller wait); at pre-commit the entries of the
+ *				transaction get their queue positions, at commit they are
+ *				published, on abort they are cancelled.
+ *	queue.c		the shared ring of entries.
+ *	worker.c	the background worker's loop: timer, size trigger, flush
+ *				requests.
+ *	flush.c		applies published entries through SPI as the queuing role,
+ *				retries, dead letters, and records its progress in the same
+ *				transaction.
+ *	notify.c	one NOTIFY per table touched by a flush.
+ *
+ * Shared memory (DeferredShared) is one struct followed by the ring.  One
+ * LWLock (DeferredShared->lock) guards every field below that is not
+ * marked otherwise; entry bodies are written without the lock by the
+ * backend that reserved them, while their state is RESERVED, and are
+ * immutable once PUBLISHED.  Only the worker changes a published entry's
+ * state and attempts.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef ATHENA_DEFERRED_H
+#define ATHENA_DEFERRED_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "lib/stringinfo.h"
+#include "port/atomics.h"
+#include "storage/condition_variable.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+
+#define ATHENA_EXTENSION_NAME	"athena_deferred"
+
+/* Operation of an entry */
+typedef enum DeferredOp
+{
+	DEFERRED_INSERT = 1,
+	DEFERRED_UPDATE = 2,
+	DEFERRED_DELETE = 3
+} DeferredOp;
+
+/* Life of an entry in the ring */
+typedef enum DeferredState
+{
+	ENTRY_RESERVED = 1,			/* positioned at pre-commit, not committed */
+	ENTRY_PUBLISHED = 2,		/* committed, waiting for the worker */
+	ENTRY_CANCELLED = 3,		/* its transaction aborted after pre-commit */
+	ENTRY_DONE = 4				/* applied or dead-lettered */
+} DeferredState;
+
+/*
+ * Header of one entry, as it lies in the ring and in a backend's staging
+ * list.  The body follows: nparts parts, each a DeferredPart, its column
+ * names (each a null flag byte and a NUL-terminated name) and its JSON text
+ * (not NUL-terminated).  The ring is a byte stream: an entry may wrap
+ * around its end, so it is read and written only through queue.c.
+ */
+typedef struct DeferredEntry
+{
+	uint32		size;			/* header + body, in bytes */
+	uint8		state;			/* DeferredState */
+	uint8		op;				/* DeferredOp */
+	uint16		nparts;
+	uint32		attempts;		/* failed flush attempts so far */
+	Oid			dbid;
+	Oid			roleid;
+	Oid			relid;
+	TransactionId xid;			/* queuing transaction, if it had one */
+	int64		id;				/* user-visible entry id */
+	uint64		qseq;			/* position in commit order, set at
+								 * pre-commit */
+	TimestampTz enqueued_at;
+} DeferredEntry;
+
+/* Kinds of part */
+typedef enum DeferredPartKind
+{
+	PART_ROWS = 1,				/* insert: JSON array of rows with these keys */
+	PART_MATCH = 2,				/* update/delete: JSON object of conditions */
+	PART_CHANGES = 3			/* update: JSON object of new values */
+} DeferredPartKind;
+
+typedef struct DeferredPart
+{
+	uint16		kind;			/* DeferredPartKind */
+	uint16		ncols;
+	uint32		namelen;		/* bytes of the column name list, padded to
+								 * a multiple of 4 */
+	uint32		textlen;		/* bytes of the JSON text */
+} DeferredPart;
+
+/* The shared state, followed in shared memory by the ring itself */
+typedef struct DeferredShared
+{
+	LWLock	   *lock;
+
+	/* ring positions are logical byte offsets that never wrap */
+	uint64		head_pos;		/* first byte not yet released */
+	uint64		reserve_pos;	/* next byte to be reserved */
+	uint64		accounted;		/* bytes promised to open transactions */
+	uint64		capacity;		/* ring size in bytes */
+
+	uint64		next_qseq;		/* next commit-order sequence number */
+	uint64		settled_qseq;	/* every entry below this is settled */
+	int64		epoch;			/* when this shared memory was initialized */
+
+	/* counters for deferred_stats() */
+	int64		pending;		/* published, not yet settled */
+	int64		enqueued;
+	int64		applied;
+	int64		failed_attempts;
+	int64		dead_lettered;
+	int64		flushes;
+	TimestampTz last_flush_at;
+
+	uint64		flush_requested_qseq;	/* deferred_flush() wants this settled */
+	Latch	   *worker_latch;	/* NULL while no worker runs */
+
+	ConditionVariable space_cv; /* broadcast when ring space is released */
+	ConditionVariable settled_cv;	/* broadcast after each flush */
+
+	char		ring[FLEXIBLE_ARRAY_MEMBER];
+} DeferredShared;
+
+/* Settings (athena_deferred.c) */
+extern bool deferred_enabled;
+extern int	deferred_batch_window_ms;
+extern int	deferred_batch_max_size;
+extern int	deferred_max_flush_attempts;
+extern int	deferred_queue_size_kb;
+extern int	deferred_enqueue_timeout_ms;
+extern char *deferred_notify_channel;
+extern bool deferred_skip_cache_invalidation;
+extern char *deferred_database;
+
+/* athena_deferred.c */
+extern DeferredShared *deferred_shared;
+
+/* queue.c */
+extern Size queue_shmem_size(void);
+extern void queue_shmem_init(DeferredShared *shared, bool found);
+extern void queue_account(Size size, int timeout_ms);
+extern void queue_unaccount(Size size);
+extern void queue_reserve(DeferredEntry **entries, uint64 *positions,
+						  int nentries);
+extern void queue_publish(const uint64 *positions, int nentries);
+extern void queue_cancel(const uint64 *positions, int nentries);
+extern int	queue_collect(DeferredEntry ***entries, uint64 **positions,
+						  int max_entries);
+extern void queue_settle(uint64 *positions, DeferredEntry **entries,
+						 int nentries, int64 applied, int64 failed,
+						 int64 dead);
+extern void queue_wake_worker(void);
+
+/* flush.c */
+extern void flush_apply_entry(const DeferredEntry *entry, const char *relname,
+							  int64 *rows);
+extern int	flush_run(int max_entries);
+extern bool flush_recover_progress(void);
+
+/* notify.c */
+typedef struct NotifyTally NotifyTally;
+extern NotifyTally *notify_tally_create(void);
+extern void notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op,
+							 int64 rows);
+extern void notify_tally_send(NotifyTally *tally);
+
+/* worker.c */
+extern void deferred_register_worker(void);
+extern PGDLLEXPORT void deferred_worker_main(Datum main_arg);
+
+/* athena_deferred.c: helpers shared by enqueue.c and flush.c */
+extern const char *deferred_op_name(DeferredOp op);
+extern Oid	deferred_extension_schema(void);
+
+static inline const DeferredPart *
+entry_first_part(const DeferredEntry *entry)
+{
+	return (const DeferredPart *) ((const char *) entry + MAXALIGN(sizeof(DeferredEntry)));
+}
+
+static inline const char *
+part_names(const DeferredPart *part)
+{
+	return (const char *) part + sizeof(DeferredPart);
+}
+
+static inline const char *
+part_text(const DeferredPart *part)
+{
+	return part_names(part) + part->namelen;
+}
+
+static inline const DeferredPart *
+part_next(const DeferredPart *part)
+{
+	return (const DeferredPart *) (part_text(part) + INTALIGN(part->textlen));
+}
+
+#endif							/* ATHENA_DEFERRED_H */

@@ -1,0 +1,728 @@
+/*-------------------------------------------------------------------------
+ *
+ * enqueue.c
+ *		The SQL entry points: validate a mutation, stage it in the calling
+ *		transaction, and hand it to the queue when that transaction commits.
+ *
+ * Staging works like NOTIFY: a call validates its input, serializes the
+ * entry and accounts for its queue space (so a full queue fails the call,
+ * not the commit); the transaction's entries get their queue positions at
+ * pre-commit and are published at commit, which cannot fail.  Rolling
+ * back a transaction or a savepoint discards what it staged.
+ *
+ * This file never applies a deferred entry; with athena_deferred.enabled
+ * off it applies the caller's mutation at once, in the caller's
+ * transaction, through the same statements the worker uses.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/catalog.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "commands/sequence.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "parser/parse_relation.h"
+#include "pgstat.h"
+#include "storage/lmgr.h"
+#include "tcop/utility.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+#include "athena_deferred.h"
+
+PG_FUNCTION_INFO_V1(deferred_insert);
+PG_FUNCTION_INFO_V1(deferred_update);
+PG_FUNCTION_INFO_V1(deferred_delete);
+PG_FUNCTION_INFO_V1(deferred_flush);
+PG_FUNCTION_INFO_V1(deferred_stats);
+
+void		enqueue_init(void);
+
+/* An entry staged by the current transaction */
+typedef struct StagedEntry
+{
+	int			nestlevel;		/* (sub)transaction that queued it */
+	DeferredEntry *entry;		/* serialized, in TopTransactionContext */
+} StagedEntry;
+
+/* Entries of the current transaction, in call order */
+static List *staged = NIL;
+
+/* Set at pre-commit: the staged entries' ring positions */
+static uint64 *staged_positions = NULL;
+static int	staged_npositions = 0;
+
+/* Cached per backend */
+static Oid	worker_database_oid = InvalidOid;
+static Oid	id_sequence_oid = InvalidOid;
+
+/* The columns of one JSON object, as found by the validation */
+typedef struct KeyList
+{
+	int			nkeys;
+	char	  **names;
+	bool	   *isnull;
+} KeyList;
+
+/*
+ * Refuse calls the queue cannot serve: on a standby, in a read-only
+ * transaction, or in a database the worker does not serve.
+ */
+static void
+check_call_context(const char *fname)
+{
+	if (deferred_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("athena_deferred must be loaded via shared_preload_libraries"),
+				 errhint("Add athena_deferred to shared_preload_libraries in postgresql.conf and restart the server.")));
+
+	PreventCommandIfReadOnly(fname);
+	PreventCommandDuringRecovery(fname);
+
+	if (!OidIsValid(worker_database_oid))
+		worker_database_oid = get_database_oid(deferred_database, true);
+	if (MyDatabaseId != worker_database_oid)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("deferred mutations can only be queued in database \"%s\"",
+						deferred_database),
+				 errhint("The athena_deferred worker serves the database named by athena_deferred.database.")));
+}
+
+/* Error for a NULL argument: the functions are not strict on purpose */
+static void
+check_not_null(FunctionCallInfo fcinfo, int argno, const char *argname)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("argument \"%s\" must not be null", argname)));
+}
+
+/*
+ * Open the target and check that it is a table a user could write with
+ * plain DML, and that the worker will be able to see.
+ */
+static Relation
+open_target(Oid relid)
+{
+	Relation	rel;
+	char		relkind;
+
+	rel = try_relation_open(relid, AccessShareLock);
+	if (rel == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation with OID %u does not exist", relid)));
+
+	relkind = rel->rd_rel->relkind;
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("cannot queue mutations for \"%s\"",
+						RelationGetRelationName(rel)),
+				 errdetail("Only ordinary and partitioned tables can be targets.")));
+	if (IsCatalogRelation(rel))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("cannot queue mutations for system catalog \"%s\"",
+						RelationGetRelationName(rel))));
+	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot queue mutations for temporary table \"%s\"",
+						RelationGetRelationName(rel)),
+				 errdetail("The worker cannot see this session's temporary tables.")));
+	return rel;
+}
+
+/* Check the caller's privilege on the table, or else on each column */
+static void
+check_privilege(Relation rel, AclMode mode, const KeyList *keys)
+{
+	Oid			relid = RelationGetRelid(rel);
+	Oid			userid = GetUserId();
+	int			i;
+
+	if (pg_class_aclcheck(relid, userid, mode) == ACLCHECK_OK)
+		return;
+	if (keys == NULL)
+		aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(rel->rd_rel->relkind),
+					   RelationGetRelationName(rel));
+	for (i = 0; i < keys->nkeys; i++)
+	{
+		AttrNumber	attnum = attnameAttNum(rel, keys->names[i], false);
+
+		if (pg_attribute_aclcheck(relid, attnum, userid, mode) != ACLCHECK_OK)
+			aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(rel->rd_rel->relkind),
+						   RelationGetRelationName(rel));
+	}
+}
+
+/*
+ * Read the keys of one JSON object and check that each names a column of
+ * rel that the operation may write (assigning) or compare.
+ */
+static void
+read_keys(JsonbContainer *obj, Relation rel, bool assigning, KeyList *keys)
+{
+	JsonbIterator *it = JsonbIteratorInit(obj);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n = 0;
+	int			max = JsonContainerSize(obj);
+
+	keys->names = palloc(sizeof(char *) * Max(max, 1));
+	keys->isnull = palloc(sizeof(bool) * Max(max, 1));
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			keys->names[n] = pnstrdup(v.val.string.val, v.val.string.len);
+		else if (tok == WJB_VALUE)
+			keys->isnull[n++] = (v.type == jbvNull);
+	}
+	keys->nkeys = n;
+
+	for (int i = 0; i < n; i++)
+	{
+		AttrNumber	attnum = attnameAttNum(rel, keys->names[i], false);
+
+		if (attnum == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" of relation \"%s\" does not exist",
+							keys->names[i], RelationGetRelationName(rel))));
+		if (assigning && TupleDescAttr(RelationGetDescr(rel), attnum - 1)->attgenerated)
+			ereport(ERROR,
+					(errcode(ERRCODE_GENERATED_ALWAYS),
+					 errmsg("column \"%s\" of relation \"%s\" is a generated column",
+							keys->names[i], RelationGetRelationName(rel)),
+					 errdetail("Generated columns cannot be written.")));
+	}
+}
+
+static bool
+keylists_equal(const KeyList *a, const KeyList *b)
+{
+	if (a->nkeys != b->nkeys)
+		return false;
+	for (int i = 0; i < a->nkeys; i++)
+		if (strcmp(a->names[i], b->names[i]) != 0)
+			return false;
+	return true;
+}
+
+/* An object argument: a non-empty JSON object */
+static JsonbContainer *
+object_argument(Jsonb *jb, const char *argname)
+{
+	if (!JB_ROOT_IS_OBJECT(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("argument \"%s\" must be a JSON object", argname)));
+	if (JB_ROOT_COUNT(jb) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("argument \"%s\" must not be an empty object", argname)));
+	return &jb->root;
+}
+
+/* Start serializing an entry: room for the header, filled in later */
+static void
+entry_begin(StringInfo buf)
+{
+	initStringInfo(buf);
+	appendStringInfoSpaces(buf, MAXALIGN(sizeof(DeferredEntry)));
+}
+
+static void
+append_padding(StringInfo buf)
+{
+	while (buf->len % sizeof(uint32) != 0)
+		appendStringInfoChar(buf, '\0');
+}
+
+/* Append one part: its column names, then its JSON text */
+static void
+entry_add_part(StringInfo buf, DeferredPartKind kind, const KeyList *keys,
+			   const char *text, int textlen)
+{
+	DeferredPart part;
+	int			parthdr = buf->len;
+	int			names_start;
+
+	appendStringInfoSpaces(buf, sizeof(DeferredPart));
+	names_start = buf->len;
+	for (int i = 0; i < keys->nkeys; i++)
+	{
+		appendStringInfoChar(buf, keys->isnull[i] ? 'n' : 'v');
+		appendBinaryStringInfo(buf, keys->names[i], strlen(keys->names[i]) + 1);
+	}
+	append_padding(buf);
+
+	part.kind = kind;
+	part.ncols = keys->nkeys;
+	part.namelen = buf->len - names_start;
+	part.textlen = textlen;
+	memcpy(buf->data + parthdr, &part, sizeof(part));
+
+	appendBinaryStringInfo(buf, text, textlen);
+	append_padding(buf);
+}
+
+/* Next entry id, from the extension's sequence */
+static int64
+next_entry_id(void)
+{
+	if (!OidIsValid(id_sequence_oid) ||
+		!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(id_sequence_oid)))
+	{
+		id_sequence_oid = get_relname_relid("deferred_entry_id_seq",
+											deferred_extension_schema());
+		if (!OidIsValid(id_sequence_oid))
+			elog(ERROR, "sequence deferred_entry_id_seq of athena_deferred is missing");
+	}
+	return nextval_internal(id_sequence_oid, false);
+}
+
+/*
+ * Finish an entry and either apply it at once (enabled = off, returns
+ * NULL) or stage it in the current transaction (returns its id).
+ */
+static Datum
+entry_finish(FunctionCallInfo fcinfo, StringInfo buf, Relation rel,
+			 DeferredOp op, int nparts)
+{
+	DeferredEntry hdr;
+
+	memset(&hdr, 0, sizeof(hdr));
+	hdr.size = buf->len;
+	hdr.op = op;
+	hdr.nparts = nparts;
+	hdr.dbid = MyDatabaseId;
+	hdr.roleid = GetUserId();
+	hdr.relid = RelationGetRelid(rel);
+	hdr.enqueued_at = GetCurrentTimestamp();
+
+	if (!deferred_enabled)
+	{
+		NotifyTally *tally = notify_tally_create();
+		char	   *relname = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+														 RelationGetRelationName(rel));
+		int64		rows;
+
+		memcpy(buf->data, &hdr, sizeof(hdr));
+		relation_close(rel, AccessShareLock);
+		SPI_connect();
+		flush_apply_entry((DeferredEntry *) buf->data, relname, &rows);
+		SPI_finish();
+		notify_tally_add(tally, hdr.relid, op, rows);
+		notify_tally_send(tally);
+		PG_RETURN_NULL();
+	}
+	else
+	{
+		MemoryContext oldcxt;
+		StagedEntry *se;
+
+		relation_close(rel, AccessShareLock);
+		hdr.id = next_entry_id();
+		queue_account(hdr.size, deferred_enqueue_timeout_ms);
+
+		oldcxt = MemoryContextSwitchTo(TopTransactionContext);
+		se = palloc(sizeof(StagedEntry));
+		se->nestlevel = GetCurrentTransactionNestLevel();
+		se->entry = palloc(hdr.size);
+		memcpy(se->entry, buf->data, hdr.size);
+		memcpy(se->entry, &hdr, sizeof(hdr));
+		staged = lappend(staged, se);
+		MemoryContextSwitchTo(oldcxt);
+
+		PG_RETURN_INT64(hdr.id);
+	}
+}
+
+/*
+ * deferred_insert(target regclass, rows jsonb) RETURNS bigint
+ *
+ * rows is one object or a non-empty array of objects.  Consecutive rows
+ * with the same keys form one part, inserted by one statement.
+ */
+Datum
+deferred_insert(PG_FUNCTION_ARGS)
+{
+	Relation	rel;
+	Jsonb	   *rows;
+	StringInfoData buf;
+	StringInfoData text;
+	KeyList		group = {0};
+	int			nparts = 0;
+	int			nrows = 0;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	check_call_context("deferred_insert()");
+	check_not_null(fcinfo, 0, "target");
+	check_not_null(fcinfo, 1, "rows");
+	rel = open_target(PG_GETARG_OID(0));
+	rows = PG_GETARG_JSONB_P(1);
+
+	if (JB_ROOT_IS_SCALAR(rows) || !(JB_ROOT_IS_OBJECT(rows) || JB_ROOT_IS_ARRAY(rows)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("argument \"rows\" must be a JSON object or a non-empty array of objects")));
+	if (JB_ROOT_IS_ARRAY(rows) && JB_ROOT_COUNT(rows) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("argument \"rows\" must not be an empty array")));
+
+	entry_begin(&buf);
+	initStringInfo(&text);
+
+	/* an object is one row; an array is walked element by element */
+	if (JB_ROOT_IS_OBJECT(rows))
+	{
+		v.type = jbvBinary;
+		v.val.binary.data = &rows->root;
+		it = NULL;
+		tok = WJB_ELEM;
+	}
+	else
+	{
+		it = JsonbIteratorInit(&rows->root);
+		tok = JsonbIteratorNext(&it, &v, true);		/* WJB_BEGIN_ARRAY */
+		tok = JsonbIteratorNext(&it, &v, true);
+	}
+
+	for (; tok == WJB_ELEM; tok = it ? JsonbIteratorNext(&it, &v, true) : WJB_DONE)
+	{
+		KeyList		keys;
+
+		if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("element %d of argument \"rows\" is not a JSON object", nrows + 1)));
+		if (JsonContainerSize(v.val.binary.data) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("element %d of argument \"rows\" is an empty object", nrows + 1),
+					 errhint("Name at least one column; absent columns take their defaults.")));
+
+		read_keys(v.val.binary.data, rel, true, &keys);
+		if (nrows > 0 && !keylists_equal(&keys, &group))
+		{
+			appendStringInfoChar(&text, ']');
+			entry_add_part(&buf, PART_ROWS, &group, text.data, text.len);
+			nparts++;
+			resetStringInfo(&text);
+		}
+		if (text.len == 0)
+		{
+			check_privilege(rel, ACL_INSERT, &keys);
+			group = keys;
+			appendStringInfoChar(&text, '[');
+		}
+		else
+			appendStringInfoChar(&text, ',');
+		(void) JsonbToCString(&text, v.val.binary.data, 64);
+		nrows++;
+	}
+	appendStringInfoChar(&text, ']');
+	entry_add_part(&buf, PART_ROWS, &group, text.data, text.len);
+	nparts++;
+
+	return entry_finish(fcinfo, &buf, rel, DEFERRED_INSERT, nparts);
+}
+
+/* Add the match part shared by update and delete */
+static void
+add_match_part(StringInfo buf, Relation rel, Jsonb *match)
+{
+	JsonbContainer *obj = object_argument(match, "match");
+	KeyList		keys;
+	StringInfoData text;
+
+	read_keys(obj, rel, false, &keys);
+	check_privilege(rel, ACL_SELECT, &keys);
+	initStringInfo(&text);
+	(void) JsonbToCString(&text, obj, VARSIZE(match));
+	entry_add_part(buf, PART_MATCH, &keys, text.data, text.len);
+}
+
+/* deferred_update(target regclass, match jsonb, changes jsonb) RETURNS bigint */
+Datum
+deferred_update(PG_FUNCTION_ARGS)
+{
+	Relation	rel;
+	StringInfoData buf;
+	StringInfoData text;
+	JsonbContainer *obj;
+	Jsonb	   *changes;
+	KeyList		keys;
+
+	check_call_context("deferred_update()");
+	check_not_null(fcinfo, 0, "target");
+	check_not_null(fcinfo, 1, "match");
+	check_not_null(fcinfo, 2, "changes");
+	rel = open_target(PG_GETARG_OID(0));
+
+	entry_begin(&buf);
+	add_match_part(&buf, rel, PG_GETARG_JSONB_P(1));
+
+	changes = PG_GETARG_JSONB_P(2);
+	obj = object_argument(changes, "changes");
+	read_keys(obj, rel, true, &keys);
+	check_privilege(rel, ACL_UPDATE, &keys);
+	initStringInfo(&text);
+	(void) JsonbToCString(&text, obj, VARSIZE(changes));
+	entry_add_part(&buf, PART_CHANGES, &keys, text.data, text.len);
+
+	return entry_finish(fcinfo, &buf, rel, DEFERRED_UPDATE, 2);
+}
+
+/* deferred_delete(target regclass, match jsonb) RETURNS bigint */
+Datum
+deferred_delete(PG_FUNCTION_ARGS)
+{
+	Relation	rel;
+	StringInfoData buf;
+
+	check_call_context("deferred_delete()");
+	check_not_null(fcinfo, 0, "target");
+	check_not_null(fcinfo, 1, "match");
+	rel = open_target(PG_GETARG_OID(0));
+	check_privilege(rel, ACL_DELETE, NULL);
+
+	entry_begin(&buf);
+	add_match_part(&buf, rel, PG_GETARG_JSONB_P(1));
+
+	return entry_finish(fcinfo, &buf, rel, DEFERRED_DELETE, 1);
+}
+
+/*
+ * deferred_flush(timeout_ms integer) RETURNS bigint
+ *
+ * Wakes the worker and waits until every entry committed before the call is
+ * applied or dead-lettered.  Returns how many entries were applied
+ * meanwhile.
+ */
+Datum
+deferred_flush(PG_FUNCTION_ARGS)
+{
+	DeferredShared *q = deferred_shared;
+	int			timeout_ms = PG_ARGISNULL(0) ? 30000 : PG_GETARG_INT32(0);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+	uint64		target;
+	int64		applied_before;
+	int64		applied_after;
+
+	check_call_context("deferred_flush()");
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	target = q->next_qseq;
+	applied_before = q->applied;
+	if (q->flush_requested_qseq < target)
+		q->flush_requested_qseq = target;
+	LWLockRelease(q->lock);
+	queue_wake_worker();
+
+	for (;;)
+	{
+		bool		settled;
+		long		remaining;
+
+		LWLockAcquire(q->lock, LW_SHARED);
+		settled = q->settled_qseq >= target;
+		applied_after = q->applied;
+		LWLockRelease(q->lock);
+		if (settled)
+			break;
+
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (remaining <= 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("deferred flush did not finish within %d ms", timeout_ms),
+					 errhint("Check that the athena_deferred worker is running and what it logs.")));
+		ConditionVariableTimedSleep(&q->settled_cv, Min(remaining, 1000),
+									PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+
+	PG_RETURN_INT64(applied_after - applied_before);
+}
+
+/* deferred_stats(): the queue's counters, one row */
+Datum
+deferred_stats(PG_FUNCTION_ARGS)
+{
+	DeferredShared *q = deferred_shared;
+	TupleDesc	tupdesc;
+	Datum		values[9];
+	bool		nulls[9] = {0};
+
+	if (q == NULL)
+		check_call_context("deferred_stats()");
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	values[0] = Int64GetDatum(q->enqueued);
+	values[1] = Int64GetDatum(q->applied);
+	values[2] = Int64GetDatum(q->failed_attempts);
+	values[3] = Int64GetDatum(q->dead_lettered);
+	values[4] = Int64GetDatum(q->pending);
+	values[5] = Int64GetDatum((int64) (q->reserve_pos - q->head_pos));
+	values[6] = Int64GetDatum((int64) q->capacity);
+	values[7] = Int64GetDatum(q->flushes);
+	values[8] = TimestampTzGetDatum(q->last_flush_at);
+	nulls[8] = (q->last_flush_at == 0);
+	LWLockRelease(q->lock);
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* Forget the staged entries; their memory goes with the transaction */
+static void
+staged_reset(void)
+{
+	staged = NIL;
+	staged_positions = NULL;
+	staged_npositions = 0;
+}
+
+static Size
+staged_bytes(List *entries)
+{
+	Size		total = 0;
+	ListCell   *lc;
+
+	foreach(lc, entries)
+		total += ((StagedEntry *) lfirst(lc))->entry->size;
+	return total;
+}
+
+/*
+ * At pre-commit the transaction's entries take their places in the queue;
+ * at commit they are published; on abort they are withdrawn.
+ */
+static void
+enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+			if (staged != NIL)
+			{
+				int			n = list_length(staged);
+				DeferredEntry **entries;
+				TransactionId xid = GetTopTransactionIdIfAny();
+				int			i = 0;
+				ListCell   *lc;
+
+				entries = MemoryContextAlloc(TopTransactionContext, sizeof(DeferredEntry *) * n);
+				staged_positions = MemoryContextAlloc(TopTransactionContext, sizeof(uint64) * n);
+				foreach(lc, staged)
+				{
+					entries[i] = ((StagedEntry *) lfirst(lc))->entry;
+					entries[i]->xid = xid;
+					i++;
+				}
+				queue_reserve(entries, staged_positions, n);
+				staged_npositions = n;
+			}
+			break;
+
+		case XACT_EVENT_PRE_PREPARE:
+			if (staged != NIL)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot PREPARE a transaction that has queued deferred mutations")));
+			break;
+
+		case XACT_EVENT_COMMIT:
+			if (staged_npositions > 0)
+				queue_publish(staged_positions, staged_npositions);
+			staged_reset();
+			break;
+
+		case XACT_EVENT_ABORT:
+			if (staged_npositions > 0)
+				queue_cancel(staged_positions, staged_npositions);
+			else if (staged != NIL)
+				queue_unaccount(staged_bytes(staged));
+			staged_reset();
+			break;
+
+		default:
+			break;
+	}
+}
+
+/* Savepoints: a rolled-back one discards what it staged */
+static void
+enqueue_subxact_callback(SubXactEvent event,
+						 SubTransactionId mySubid pg_attribute_unused(),
+						 SubTransactionId parentSubid pg_attribute_unused(),
+						 void *arg pg_attribute_unused())
+{
+	int			level = GetCurrentTransactionNestLevel();
+	ListCell   *lc;
+	Size		dropped = 0;
+
+	if (staged == NIL)
+		return;
+
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		foreach(lc, staged)
+		{
+			StagedEntry *se = lfirst(lc);
+
+			if (se->nestlevel >= level)
+			{
+				dropped += se->entry->size;
+				staged = foreach_delete_current(staged, lc);
+			}
+		}
+		if (dropped > 0)
+			queue_unaccount(dropped);
+	}
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		foreach(lc, staged)
+		{
+			StagedEntry *se = lfirst(lc);
+
+			if (se->nestlevel >= level)
+				se->nestlevel = level - 1;
+		}
+	}
+}
+
+/* Called from _PG_init */
+void
+enqueue_init(void)
+{
+	RegisterXactCallback(enqueue_xact_callback, NULL);
+	RegisterSubXactCallback(enqueue_subxact_callback, NULL);
+}

@@ -1,0 +1,506 @@
+/*-------------------------------------------------------------------------
+ *
+ * flush.c
+ *		Apply published entries through SPI, as the role that queued each.
+ *
+ * One flush is one transaction.  Each entry runs in a subtransaction under
+ * its queuing role (SECURITY_LOCAL_USERID_CHANGE), so privileges, row-level
+ * security and defaults such as current_user behave as if the caller had
+ * run the statement, and one bad entry does not undo the others.  A failed
+ * entry stays in the queue for the next flush, ahead of newer entries,
+ * until max_flush_attempts; then it moves to deferred_dead_letters.  The
+ * same transaction records how far the queue has been applied
+ * (deferred_progress), so that a worker that dies between its commit and
+ * updating shared memory does not apply anything twice.
+ *
+ * Values travel as JSON parameters, never as SQL text; identifiers are
+ * quoted.  This file never touches files.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/lmgr.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+#include "athena_deferred.h"
+
+static MemoryContext flush_context = NULL;
+
+/* Append "col1, col2" or "p.col1, p.col2" for the part's columns */
+static void
+append_columns(StringInfo sql, const DeferredPart *part, const char *prefix)
+{
+	const char *name = part_names(part);
+
+	for (int i = 0; i < part->ncols; i++)
+	{
+		name++;					/* null flag */
+		appendStringInfo(sql, "%s%s%s", i > 0 ? ", " : "", prefix,
+						 quote_identifier(name));
+		name += strlen(name) + 1;
+	}
+}
+
+/* Append the WHERE conditions of a match part: = for values, IS NULL for nulls */
+static void
+append_conditions(StringInfo sql, const DeferredPart *part)
+{
+	const char *name = part_names(part);
+
+	appendStringInfoString(sql, " WHERE ");
+	for (int i = 0; i < part->ncols; i++)
+	{
+		bool		isnull = (*name++ == 'n');
+		const char *col = quote_identifier(name);
+
+		if (i > 0)
+			appendStringInfoString(sql, " AND ");
+		if (isnull)
+			appendStringInfo(sql, "__t.%s IS NULL", col);
+		else
+			appendStringInfo(sql, "__t.%s = __m.%s", col, col);
+		name += strlen(name) + 1;
+	}
+}
+
+static Datum
+part_json(const DeferredPart *part)
+{
+	return PointerGetDatum(cstring_to_text_with_len(part_text(part), part->textlen));
+}
+
+/* Run one statement with JSON parameters and return the rows it touched */
+static int64
+run_statement(const char *sql, int nargs, Datum *args, int expected)
+{
+	Oid			types[2] = {JSONOID, JSONOID};
+	int			rc;
+
+	rc = SPI_execute_with_args(sql, nargs, types, args, NULL, false, 0);
+	if (rc != expected)
+		elog(ERROR, "athena_deferred: unexpected SPI result %d for \"%s\"", rc, sql);
+	return (int64) SPI_processed;
+}
+
+/*
+ * Apply one entry to relname (quoted, qualified) with the current user's
+ * privileges.  The caller has SPI connected.  Used by the worker and by the
+ * immediate path (athena_deferred.enabled = off).
+ */
+void
+flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
+{
+	const DeferredPart *part = entry_first_part(entry);
+	StringInfoData sql;
+	Datum		args[2];
+
+	initStringInfo(&sql);
+	*rows = 0;
+
+	switch ((DeferredOp) entry->op)
+	{
+		case DEFERRED_INSERT:
+			/* one statement per run of rows with the same keys */
+			for (int i = 0; i < entry->nparts; i++, part = part_next(part))
+			{
+				resetStringInfo(&sql);
+				appendStringInfo(&sql, "INSERT INTO %s (", relname);
+				append_columns(&sql, part, "");
+				appendStringInfoString(&sql, ") SELECT ");
+				append_columns(&sql, part, "");
+				appendStringInfo(&sql, " FROM pg_catalog.json_populate_recordset(NULL::%s, $1)",
+								 relname);
+				args[0] = part_json(part);
+				*rows += run_statement(sql.data, 1, args, SPI_OK_INSERT);
+			}
+			break;
+
+		case DEFERRED_UPDATE:
+			{
+				const DeferredPart *changes = part_next(part);
+				const char *name = part_names(changes);
+
+				appendStringInfo(&sql, "UPDATE %s AS __t SET ", relname);
+				for (int i = 0; i < changes->ncols; i++)
+				{
+					const char *col;
+
+					name++;
+					col = quote_identifier(name);
+					appendStringInfo(&sql, "%s%s = __s.%s", i > 0 ? ", " : "", col, col);
+					name += strlen(name) + 1;
+				}
+				appendStringInfo(&sql,
+								 " FROM pg_catalog.json_populate_record(NULL::%s, $1) AS __m,"
+								 " pg_catalog.json_populate_record(NULL::%s, $2) AS __s",
+								 relname, relname);
+				append_conditions(&sql, part);
+				args[0] = part_json(part);
+				args[1] = part_json(changes);
+				*rows = run_statement(sql.data, 2, args, SPI_OK_UPDATE);
+			}
+			break;
+
+		case DEFERRED_DELETE:
+			appendStringInfo(&sql,
+							 "DELETE FROM %s AS __t USING pg_catalog.json_populate_record(NULL::%s, $1) AS __m",
+							 relname, relname);
+			append_conditions(&sql, part);
+			args[0] = part_json(part);
+			*rows = run_statement(sql.data, 1, args, SPI_OK_DELETE);
+			break;
+	}
+}
+
+/*
+ * Lock the entry's target and return its quoted, qualified name.  The lock
+ * pins the OID to the name, so the statement cannot reach another table
+ * created under the same name meanwhile.
+ */
+static char *
+target_name_locked(Oid relid)
+{
+	char	   *relname;
+	char	   *nspname;
+
+	LockRelationOid(relid, RowExclusiveLock);
+	relname = get_rel_name(relid);
+	nspname = relname ? get_namespace_name(get_rel_namespace(relid)) : NULL;
+	if (relname == NULL || nspname == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation with OID %u no longer exists", relid)));
+	return quote_qualified_identifier(nspname, relname);
+}
+
+/* The payload as a user would pass it: {"rows": [...]} or {"match": .., "changes": ..} */
+static char *
+entry_payload_json(const DeferredEntry *entry)
+{
+	const DeferredPart *part = entry_first_part(entry);
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	if (entry->op == DEFERRED_INSERT)
+	{
+		appendStringInfoString(&buf, "{\"rows\": [");
+		for (int i = 0; i < entry->nparts; i++, part = part_next(part))
+		{
+			/* strip each run's brackets and join the runs */
+			if (i > 0)
+				appendStringInfoString(&buf, ", ");
+			appendBinaryStringInfo(&buf, part_text(part) + 1, part->textlen - 2);
+		}
+		appendStringInfoString(&buf, "]}");
+	}
+	else
+	{
+		appendStringInfoString(&buf, "{\"match\": ");
+		appendBinaryStringInfo(&buf, part_text(part), part->textlen);
+		if (entry->op == DEFERRED_UPDATE)
+		{
+			part = part_next(part);
+			appendStringInfoString(&buf, ", \"changes\": ");
+			appendBinaryStringInfo(&buf, part_text(part), part->textlen);
+		}
+		appendStringInfoChar(&buf, '}');
+	}
+	return buf.data;
+}
+
+/* Move an entry that ran out of attempts into deferred_dead_letters */
+static void
+dead_letter(const char *schema, const DeferredEntry *entry, ErrorData *edata)
+{
+	StringInfoData sql;
+	Oid			types[9] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TIMESTAMPTZOID, INT4OID, TEXTOID, TEXTOID};
+	Datum		values[9];
+	char		nulls[9] = "         ";
+	char	   *relname = get_rel_name(entry->relid);
+	char	   *rolname = GetUserNameFromId(entry->roleid, true);
+
+	values[0] = Int64GetDatum(entry->id);
+	values[1] = CStringGetTextDatum(relname ?
+									quote_qualified_identifier(get_namespace_name(get_rel_namespace(entry->relid)), relname) :
+									psprintf("%u", entry->relid));
+	values[2] = CStringGetTextDatum(deferred_op_name(entry->op));
+	values[3] = CStringGetTextDatum(entry_payload_json(entry));
+	values[4] = CStringGetTextDatum(rolname ? rolname : psprintf("%u", entry->roleid));
+	values[5] = TimestampTzGetDatum(entry->enqueued_at);
+	values[6] = Int32GetDatum(entry->attempts);
+	values[7] = CStringGetTextDatum(edata->message ? edata->message : "unknown error");
+	values[8] = CStringGetTextDatum(unpack_sql_state(edata->sqlerrcode));
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql,
+					 "INSERT INTO %s.deferred_dead_letters"
+					 " (id, target, op, payload, role, enqueued_at, attempts, last_error, sqlstate)"
+					 " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)",
+					 quote_identifier(schema));
+	if (SPI_execute_with_args(sql.data, 9, types, values, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert dead letter for entry " INT64_FORMAT, entry->id);
+
+	ereport(LOG,
+			(errmsg("athena_deferred: entry " INT64_FORMAT " (%s on %s) dead-lettered after %u attempts: %s",
+					entry->id, deferred_op_name(entry->op),
+					relname ? relname : "dropped table", entry->attempts,
+					edata->message ? edata->message : "unknown error")));
+}
+
+/*
+ * Apply one entry in a subtransaction as its queuing role.  Returns NULL
+ * on success, else the error (in the caller's memory context).
+ */
+static ErrorData *
+apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		Oid			save_userid;
+		int			save_sec;
+		char	   *relname;
+		int64		rows;
+
+		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(entry->roleid)))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("role with OID %u that queued this entry no longer exists",
+							entry->roleid)));
+		relname = target_name_locked(entry->relid);
+
+		GetUserIdAndSecContext(&save_userid, &save_sec);
+		SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+		flush_apply_entry(entry, relname, &rows);
+		SetUserIdAndSecContext(save_userid, save_sec);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		notify_tally_add(tally, entry->relid, entry->op, rows);
+	}
+	PG_CATCH();
+	{
+		/* the subtransaction's abort restores the user id */
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_END_TRY();
+	return edata;
+}
+
+/* Name of the extension's schema, or NULL if it is not installed here */
+static char *
+extension_schema(void)
+{
+	Oid			nspid = deferred_extension_schema();
+
+	return OidIsValid(nspid) ? get_namespace_name(nspid) : NULL;
+}
+
+/* Record, in the flush transaction, how far the queue has been applied */
+static void
+record_progress(const char *schema, uint64 applied_upto, List *retry)
+{
+	StringInfoData sql;
+	Oid			types[3] = {INT8OID, INT8OID, INT8ARRAYOID};
+	Datum		values[3];
+	Datum	   *elems;
+	int			n = list_length(retry);
+	int			i = 0;
+	ListCell   *lc;
+
+	elems = palloc(sizeof(Datum) * Max(n, 1));
+	foreach(lc, retry)
+		elems[i++] = Int64GetDatum(*(uint64 *) lfirst(lc));
+
+	values[0] = Int64GetDatum(deferred_shared->epoch);
+	values[1] = Int64GetDatum((int64) applied_upto);
+	values[2] = PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql,
+					 "UPDATE %s.deferred_progress SET epoch = $1, applied_upto = $2, retry = $3",
+					 quote_identifier(schema));
+	if (SPI_execute_with_args(sql.data, 3, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not record athena_deferred progress");
+}
+
+/*
+ * One flush: apply up to max_entries published entries in one transaction.
+ * Returns how many entries it handled, or -1 if the extension is not
+ * installed in this database.
+ */
+int
+flush_run(int max_entries)
+{
+	DeferredEntry **entries;
+	uint64	   *positions;
+	int			n;
+	char	   *schema;
+	NotifyTally *tally;
+	List	   *retry = NIL;
+	int64		applied = 0,
+				failed = 0,
+				dead = 0;
+	MemoryContext oldcxt;
+
+	if (flush_context == NULL)
+		flush_context = AllocSetContextCreate(TopMemoryContext, "athena_deferred flush",
+											  ALLOCSET_DEFAULT_SIZES);
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	oldcxt = MemoryContextSwitchTo(flush_context);
+
+	schema = extension_schema();
+	n = schema ? queue_collect(&entries, &positions, max_entries) : 0;
+	if (n > 0)
+	{
+		pgstat_report_activity(STATE_RUNNING, psprintf("flushing %d entries", n));
+		tally = notify_tally_create();
+
+		for (int i = 0; i < n; i++)
+		{
+			DeferredEntry *e = entries[i];
+			ErrorData  *edata = apply_in_subxact(e, tally);
+
+			if (edata == NULL)
+			{
+				e->state = ENTRY_DONE;
+				applied++;
+				continue;
+			}
+			e->attempts++;
+			failed++;
+			if (e->attempts >= (uint32) deferred_max_flush_attempts)
+			{
+				dead_letter(schema, e, edata);
+				e->state = ENTRY_DONE;
+				dead++;
+			}
+			else
+			{
+				ereport(WARNING,
+						(errmsg("athena_deferred: entry " INT64_FORMAT " failed (attempt %u of %d), will retry: %s",
+								e->id, e->attempts, deferred_max_flush_attempts, edata->message)));
+				retry = lappend(retry, &e->qseq);
+			}
+		}
+		record_progress(schema, entries[n - 1]->qseq + 1, retry);
+		notify_tally_send(tally);
+	}
+
+	MemoryContextSwitchTo(oldcxt);
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+
+	if (n > 0)
+		queue_settle(positions, entries, n, applied, failed, dead);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	pgstat_report_stat(false);
+	MemoryContextReset(flush_context);
+	return schema ? n : -1;
+}
+
+/*
+ * At worker start: entries that a committed flush applied but whose worker
+ * died before marking them in shared memory are marked now, from the
+ * progress the flush recorded.  Returns false if the extension is not
+ * installed yet.
+ */
+bool
+flush_recover_progress(void)
+{
+	bool		installed = false;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+
+	{
+		char	   *schema = extension_schema();
+		StringInfoData sql;
+
+		if (schema != NULL)
+		{
+			installed = true;
+			initStringInfo(&sql);
+			appendStringInfo(&sql, "SELECT epoch, applied_upto, retry FROM %s.deferred_progress",
+							 quote_identifier(schema));
+			if (SPI_execute(sql.data, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+			{
+				bool		isnull;
+				int64		epoch = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+				uint64		upto = (uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+				ArrayType  *retry = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+
+				if (epoch == deferred_shared->epoch)
+				{
+					MemoryContext oldcxt = MemoryContextSwitchTo(TopTransactionContext);
+					DeferredEntry **entries;
+					uint64	   *positions;
+					Datum	   *elems;
+					int			nelems;
+					int			n = queue_collect(&entries, &positions, INT_MAX);
+					int64		done = 0;
+
+					deconstruct_array(retry, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, NULL, &nelems);
+					for (int i = 0; i < n; i++)
+					{
+						bool		retrying = false;
+
+						for (int j = 0; j < nelems; j++)
+							retrying |= ((uint64) DatumGetInt64(elems[j]) == entries[i]->qseq);
+						if (entries[i]->qseq < upto && !retrying)
+						{
+							entries[i]->state = ENTRY_DONE;
+							done++;
+						}
+					}
+					if (done > 0)
+					{
+						ereport(LOG,
+								(errmsg("athena_deferred: " INT64_FORMAT " entries were applied by a flush whose worker exited before releasing them",
+										done)));
+						queue_settle(positions, entries, n, done, 0, 0);
+					}
+					MemoryContextSwitchTo(oldcxt);
+				}
+			}
+		}
+	}
+
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return installed;
+}

@@ -1,0 +1,326 @@
+/*-------------------------------------------------------------------------
+ *
+ * queue.c
+ *		The shared-memory queue: a ring of entries in commit order.
+ *
+ * Space is handled in two steps so that a commit never fails because of
+ * the queue: a call accounts for its entry's bytes (waiting for room if it
+ * must, and failing while the transaction can still abort), pre-commit
+ * turns those bytes into ring positions, commit publishes them.  The
+ * worker reads published entries from the head; it stops at the first
+ * entry still RESERVED so that entries are applied in commit order.
+ *
+ * This file knows nothing of SQL or files.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/timestamp.h"
+
+#include "athena_deferred.h"
+
+static inline Size
+ring_offset(uint64 pos)
+{
+	return (Size) (pos % deferred_shared->capacity);
+}
+
+/* Copy len bytes into the ring at logical position pos, wrapping */
+static void
+ring_write(uint64 pos, const void *src, Size len)
+{
+	Size		off = ring_offset(pos);
+	Size		first = Min(len, deferred_shared->capacity - off);
+
+	memcpy(deferred_shared->ring + off, src, first);
+	if (first < len)
+		memcpy(deferred_shared->ring, (const char *) src + first, len - first);
+}
+
+/* Copy len bytes out of the ring from logical position pos, wrapping */
+static void
+ring_read(uint64 pos, void *dst, Size len)
+{
+	Size		off = ring_offset(pos);
+	Size		first = Min(len, deferred_shared->capacity - off);
+
+	memcpy(dst, deferred_shared->ring + off, first);
+	if (first < len)
+		memcpy((char *) dst + first, deferred_shared->ring, len - first);
+}
+
+static void
+ring_set_state(uint64 pos, uint8 state)
+{
+	ring_write(pos + offsetof(DeferredEntry, state), &state, sizeof(state));
+}
+
+/* Shared memory needed for the queue */
+Size
+queue_shmem_size(void)
+{
+	return add_size(MAXALIGN(offsetof(DeferredShared, ring)),
+					(Size) deferred_queue_size_kb * 1024);
+}
+
+/* Initialize the queue when its shared memory was just created */
+void
+queue_shmem_init(DeferredShared *shared, bool found)
+{
+	if (found)
+		return;
+	memset(shared, 0, offsetof(DeferredShared, ring));
+	shared->capacity = (uint64) deferred_queue_size_kb * 1024;
+	shared->next_qseq = 1;
+	shared->settled_qseq = 1;
+	shared->epoch = GetCurrentTimestamp();
+	ConditionVariableInit(&shared->space_cv);
+	ConditionVariableInit(&shared->settled_cv);
+}
+
+/*
+ * Promise size bytes of the ring to the calling transaction, waiting up to
+ * timeout_ms for the worker to make room.
+ */
+void
+queue_account(Size size, int timeout_ms)
+{
+	DeferredShared *q = deferred_shared;
+	TimestampTz deadline = 0;
+
+	if (size > q->capacity)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("deferred entry of %zu bytes does not fit in the queue", size),
+				 errdetail("athena_deferred.queue_size is %llu bytes.",
+						   (unsigned long long) q->capacity),
+				 errhint("Split the mutation into smaller calls or increase athena_deferred.queue_size.")));
+
+	for (;;)
+	{
+		bool		done = false;
+		long		remaining;
+
+		LWLockAcquire(q->lock, LW_EXCLUSIVE);
+		if (q->reserve_pos - q->head_pos + q->accounted + size <= q->capacity)
+		{
+			q->accounted += size;
+			done = true;
+		}
+		LWLockRelease(q->lock);
+		if (done)
+			break;
+
+		/* no room: make sure the worker is working on it, then wait */
+		queue_wake_worker();
+		if (deadline == 0)
+			deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (remaining <= 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+					 errmsg("deferred queue is full"),
+					 errdetail("No room was made for %zu bytes within athena_deferred.enqueue_timeout_ms (%d ms).",
+							   size, timeout_ms),
+					 errhint("Increase athena_deferred.queue_size, or make the worker flush more often.")));
+		ConditionVariableTimedSleep(&q->space_cv, Min(remaining, 100),
+									PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+}
+
+/* Give back bytes promised by queue_account() */
+void
+queue_unaccount(Size size)
+{
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	Assert(deferred_shared->accounted >= size);
+	deferred_shared->accounted -= size;
+	LWLockRelease(deferred_shared->lock);
+	ConditionVariableBroadcast(&deferred_shared->space_cv);
+}
+
+/*
+ * Give accounted entries their places in commit order and copy them in.
+ * The headers go in under the lock, marked RESERVED; the bodies after it,
+ * since nobody reads a RESERVED entry's body.
+ */
+void
+queue_reserve(DeferredEntry **entries, uint64 *positions, int nentries)
+{
+	DeferredShared *q = deferred_shared;
+	int			i;
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	for (i = 0; i < nentries; i++)
+	{
+		DeferredEntry *e = entries[i];
+
+		e->qseq = q->next_qseq++;
+		e->state = ENTRY_RESERVED;
+		positions[i] = q->reserve_pos;
+		q->reserve_pos += e->size;
+		Assert(q->accounted >= e->size);
+		q->accounted -= e->size;
+		ring_write(positions[i], e, sizeof(DeferredEntry));
+	}
+	LWLockRelease(q->lock);
+
+	for (i = 0; i < nentries; i++)
+		ring_write(positions[i] + sizeof(DeferredEntry),
+				   (char *) entries[i] + sizeof(DeferredEntry),
+				   entries[i]->size - sizeof(DeferredEntry));
+}
+
+/*
+ * Move the head past settled entries, so their space can be reused.
+ * Caller holds the lock exclusively.
+ */
+static void
+queue_advance_head_locked(void)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry hdr;
+
+	while (q->head_pos < q->reserve_pos)
+	{
+		ring_read(q->head_pos, &hdr, sizeof(hdr));
+		if (hdr.state != ENTRY_DONE && hdr.state != ENTRY_CANCELLED)
+		{
+			q->settled_qseq = hdr.qseq;
+			return;
+		}
+		q->head_pos += hdr.size;
+	}
+	q->settled_qseq = q->next_qseq;
+}
+
+/* Make reserved entries visible to the worker: called at commit */
+void
+queue_publish(const uint64 *positions, int nentries)
+{
+	DeferredShared *q = deferred_shared;
+	bool		wake;
+	int			i;
+
+	/* the bodies were written before; the lock orders them before state */
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	for (i = 0; i < nentries; i++)
+		ring_set_state(positions[i], ENTRY_PUBLISHED);
+	q->pending += nentries;
+	q->enqueued += nentries;
+	wake = deferred_batch_max_size > 0 && q->pending >= deferred_batch_max_size;
+	LWLockRelease(q->lock);
+
+	if (wake)
+		queue_wake_worker();
+}
+
+/* Withdraw reserved entries whose transaction aborted after pre-commit */
+void
+queue_cancel(const uint64 *positions, int nentries)
+{
+	int			i;
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < nentries; i++)
+		ring_set_state(positions[i], ENTRY_CANCELLED);
+	queue_advance_head_locked();
+	LWLockRelease(deferred_shared->lock);
+	ConditionVariableBroadcast(&deferred_shared->space_cv);
+}
+
+/*
+ * Copy up to max_entries published entries, oldest first, into the current
+ * memory context.  Stops at the first entry whose transaction has not yet
+ * committed, so that nothing overtakes it.  Returns how many were copied.
+ */
+int
+queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry hdr;
+	uint64		pos;
+	int			n = 0;
+	int			allocated = 64;
+	int			i;
+
+	*positions = palloc(sizeof(uint64) * allocated);
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries; pos += hdr.size)
+	{
+		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.state == ENTRY_RESERVED)
+			break;
+		if (hdr.state != ENTRY_PUBLISHED)
+			continue;
+		if (n == allocated)
+		{
+			allocated *= 2;
+			*positions = repalloc(*positions, sizeof(uint64) * allocated);
+		}
+		(*positions)[n++] = pos;
+	}
+	LWLockRelease(q->lock);
+
+	/* published entries are immutable and only we release them */
+	*entries = palloc(sizeof(DeferredEntry *) * Max(n, 1));
+	for (i = 0; i < n; i++)
+	{
+		ring_read((*positions)[i], &hdr, sizeof(hdr));
+		(*entries)[i] = palloc(hdr.size);
+		ring_read((*positions)[i], (*entries)[i], hdr.size);
+	}
+	return n;
+}
+
+/*
+ * Record the outcome of a flush: each entry is either ENTRY_DONE (applied
+ * or dead-lettered) or still PUBLISHED with a new attempt count.
+ */
+void
+queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
+			 int64 applied, int64 failed, int64 dead)
+{
+	DeferredShared *q = deferred_shared;
+	int			i;
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	for (i = 0; i < nentries; i++)
+	{
+		ring_write(positions[i] + offsetof(DeferredEntry, attempts),
+				   &entries[i]->attempts, sizeof(entries[i]->attempts));
+		if (entries[i]->state == ENTRY_DONE)
+		{
+			ring_set_state(positions[i], ENTRY_DONE);
+			q->pending--;
+		}
+	}
+	q->applied += applied;
+	q->failed_attempts += failed;
+	q->dead_lettered += dead;
+	if (nentries > 0)
+	{
+		q->flushes++;
+		q->last_flush_at = GetCurrentTimestamp();
+	}
+	queue_advance_head_locked();
+	LWLockRelease(q->lock);
+
+	ConditionVariableBroadcast(&q->space_cv);
+	ConditionVariableBroadcast(&q->settled_cv);
+}
+
+/* Wake the worker, if one is running */
+void
+queue_wake_worker(void)
+{
+	Latch	   *latch = deferred_shared->worker_latch;
+
+	if (latch != NULL)
+		SetLatch(latch);
+}

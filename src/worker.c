@@ -1,0 +1,126 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The background worker's loop.
+ *
+ * The worker wakes every batch_window_ms, when a committing backend finds
+ * batch_max_size entries pending, and when deferred_flush() asks; each time
+ * it flushes what is published.  SIGHUP reloads the settings; SIGTERM lets
+ * the flush at hand finish, then exits.  The SQL work lives in flush.c.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/guc.h"
+
+#include "athena_deferred.h"
+
+/* Entries applied in one flush transaction at most */
+#define FLUSH_MAX_ENTRIES	10000
+
+/* Register the worker; called from _PG_init */
+void
+deferred_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 1;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, ATHENA_EXTENSION_NAME);
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "deferred_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "athena_deferred worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, ATHENA_EXTENSION_NAME);
+	RegisterBackgroundWorker(&worker);
+}
+
+/* Stop backends from setting the latch of a worker that is gone */
+static void
+worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
+{
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	deferred_shared->worker_latch = NULL;
+	LWLockRelease(deferred_shared->lock);
+}
+
+/* True if deferred_flush() is waiting for entries not yet settled */
+static bool
+flush_requested(void)
+{
+	bool		requested;
+
+	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	requested = deferred_shared->flush_requested_qseq > deferred_shared->settled_qseq;
+	LWLockRelease(deferred_shared->lock);
+	return requested;
+}
+
+void
+deferred_worker_main(Datum main_arg pg_attribute_unused())
+{
+	bool		ready = false;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(deferred_database, NULL, 0);
+	pgstat_report_appname("athena_deferred worker");
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	deferred_shared->worker_latch = MyLatch;
+	LWLockRelease(deferred_shared->lock);
+	on_shmem_exit(worker_detach, 0);
+
+	ereport(LOG, (errmsg("athena_deferred worker started in database \"%s\"", deferred_database)));
+
+	while (!ShutdownRequestPending)
+	{
+		int			handled = 0;
+		long		timeout;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		/* until CREATE EXTENSION has run here, there is nothing to do */
+		if (!ready)
+			ready = flush_recover_progress();
+		if (ready)
+			handled = flush_run(FLUSH_MAX_ENTRIES);
+
+		/*
+		 * Go again at once while there is more than one flush's worth, or
+		 * retries that deferred_flush() is waiting for; poll briefly while a
+		 * committing transaction holds up the head of the queue.
+		 */
+		if (handled == FLUSH_MAX_ENTRIES || (handled > 0 && flush_requested()))
+			continue;
+		if (flush_requested())
+			timeout = 10;
+		else if (!ready)
+			timeout = 1000;
+		else
+			timeout = deferred_batch_window_ms > 0 ? deferred_batch_window_ms : -1;
+
+		(void) WaitLatch(MyLatch,
+						 WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),
+						 timeout, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+
+	ereport(LOG, (errmsg("athena_deferred worker shutting down")));
+	/* exit code 1: a terminated worker is restarted; at shutdown it is not */
+	proc_exit(1);
+}
