@@ -11,11 +11,12 @@ PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) -Wall -Wextra -
 SHLIB_LINK = -ljansson
 
 # pg_regress and isolation tests run in a temporary instance with the
-# library preloaded (regress.conf)
-REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
-REGRESS_OPTS = --temp-instance=tmp_check --temp-config=regress.conf
+# library preloaded (test/*.conf)
+# init installs the extension; the others each test one behaviour
+REGRESS = init insert update_delete transactions validation privileges values immediate
+REGRESS_OPTS = --temp-instance=tmp_regress --temp-config=test/regress.conf
 ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
-ISOLATION_OPTS = --temp-instance=tmp_check_iso --temp-config=regress.conf
+ISOLATION_OPTS = --temp-instance=tmp_isolation --temp-config=test/isolation.conf
 TAP_TESTS = 1
 
 
