@@ -9,14 +9,15 @@ REVOKE ALL ON deferred_entry_id_seq FROM PUBLIC;
 
 -- How far the worker has applied the queue, written by each flush in the
 -- same transaction as its mutations: every entry with a commit-order
--- sequence number below applied_upto is settled, except those in retry.
--- epoch identifies the shared memory the numbers refer to.
+-- sequence number below applied_upto is applied or dead-lettered, except
+-- those in retry (with their failed attempts so far).  Recovery replays
+-- from the WAL only what this says is not yet applied.
 CREATE TABLE deferred_progress (
-    epoch        bigint NOT NULL,
-    applied_upto bigint NOT NULL,
-    retry        bigint[] NOT NULL
+    applied_upto   bigint NOT NULL,
+    retry          bigint[] NOT NULL,
+    retry_attempts integer[] NOT NULL
 );
-INSERT INTO deferred_progress VALUES (0, 0, '{}');
+INSERT INTO deferred_progress VALUES (0, '{}', '{}');
 REVOKE ALL ON deferred_progress FROM PUBLIC;
 
 -- Entries that failed max_flush_attempts times, with what is needed to
@@ -66,7 +67,12 @@ CREATE FUNCTION deferred_stats(
     OUT pending_bytes bigint,
     OUT capacity_bytes bigint,
     OUT flushes bigint,
-    OUT last_flush_at timestamptz)
+    OUT last_flush_at timestamptz,
+    OUT recovered_entries bigint,
+    OUT torn_records bigint,
+    OUT corrupt_records bigint,
+    OUT wal_bytes bigint,
+    OUT wal_segments bigint)
 RETURNS record
 AS 'MODULE_PATHNAME', 'deferred_stats'
 LANGUAGE C VOLATILE STRICT PARALLEL SAFE;

@@ -5,11 +5,18 @@
  *
  * The library must be loaded through shared_preload_libraries, since its
  * queue lives in shared memory allocated at server start.  No SQL work is
- * done here.
+ * done here.  The settings' levels: what changes the worker's behaviour or
+ * the WAL is superuser-only (SIGHUP or restart); a caller may choose
+ * enabled and enqueue_timeout_ms for its own session.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "access/genam.h"
 #include "access/htup_details.h"
@@ -18,6 +25,7 @@
 #include "catalog/pg_extension.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
 #include "utils/fmgroids.h"
@@ -40,6 +48,18 @@ int			deferred_enqueue_timeout_ms = 5000;
 char	   *deferred_notify_channel = NULL;
 bool		deferred_skip_cache_invalidation = false;
 char	   *deferred_database = NULL;
+bool		deferred_wal_enabled = true;
+char	   *deferred_wal_dir = NULL;
+int			deferred_wal_sync = WAL_SYNC_ALWAYS;
+int			deferred_wal_segment_size_kb = 16 * 1024;
+char	   *deferred_fault_point = NULL;
+
+static const struct config_enum_entry wal_sync_options[] = {
+	{"always", WAL_SYNC_ALWAYS, false},
+	{"batch", WAL_SYNC_BATCH, false},
+	{"off", WAL_SYNC_OFF, false},
+	{NULL, 0, false}
+};
 
 DeferredShared *deferred_shared = NULL;
 
@@ -55,7 +75,7 @@ deferred_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(queue_shmem_size());
-	RequestNamedLWLockTranche(ATHENA_EXTENSION_NAME, 1);
+	RequestNamedLWLockTranche(ATHENA_EXTENSION_NAME, 3);
 }
 
 /* Attach to (or create) the queue in shared memory */
@@ -71,8 +91,12 @@ deferred_shmem_startup(void)
 	deferred_shared = ShmemInitStruct(ATHENA_EXTENSION_NAME, queue_shmem_size(), &found);
 	if (!found)
 	{
+		LWLockPadded *locks = GetNamedLWLockTranche(ATHENA_EXTENSION_NAME);
+
 		queue_shmem_init(deferred_shared, found);
-		deferred_shared->lock = &(GetNamedLWLockTranche(ATHENA_EXTENSION_NAME))->lock;
+		deferred_shared->lock = &locks[0].lock;
+		deferred_shared->wal_lock = &locks[1].lock;
+		deferred_shared->wal_flush_lock = &locks[2].lock;
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -133,6 +157,36 @@ deferred_define_settings(void)
 							   NULL,
 							   &deferred_database, "postgres",
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("athena_deferred.wal_enabled",
+							 "Writes every entry to the extension's WAL before its commit returns.",
+							 "Off: entries pending at a crash or restart are lost.",
+							 &deferred_wal_enabled, true,
+							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("athena_deferred.wal_dir",
+							   "Directory of the extension's WAL segments, relative to the data directory.",
+							   NULL,
+							   &deferred_wal_dir, "pg_athena_deferred",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("athena_deferred.wal_sync",
+							 "When the WAL is fsynced: always (before each commit returns, shared by concurrent commits), batch (every batch_window_ms) or off.",
+							 NULL,
+							 &deferred_wal_sync, WAL_SYNC_ALWAYS, wal_sync_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.wal_segment_size",
+							"Size of each pre-allocated WAL segment file.",
+							NULL,
+							&deferred_wal_segment_size_kb, 16 * 1024, 64, 1024 * 1024,
+							PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("athena_deferred.fault_point",
+							   "Testing only: the named point where the worker or a backend kills itself.",
+							   NULL,
+							   &deferred_fault_point, "",
+							   PGC_SUSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved(ATHENA_EXTENSION_NAME);
 }
@@ -197,4 +251,29 @@ deferred_extension_schema(void)
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
 	return nspid;
+}
+
+/*
+ * Fault injection for the crash tests: when athena_deferred.fault_point
+ * names this point, the process kills itself with SIGKILL, as a crash
+ * would (the postmaster then reinitializes shared memory).  Each point
+ * fires once: a marker file in the WAL directory remembers that it did, so
+ * the restarted server does not crash again at the same place.
+ */
+void
+deferred_fault(const char *point)
+{
+	char	   *marker;
+	int			fd;
+
+	if (deferred_fault_point == NULL || strcmp(deferred_fault_point, point) != 0)
+		return;
+	(void) MakePGDirectory(deferred_wal_dir);
+	marker = psprintf("%s/fault.%s", deferred_wal_dir, point);
+	fd = open(marker, O_CREAT | O_EXCL | O_WRONLY, S_IRUSR | S_IWUSR);
+	if (fd < 0)
+		return;
+	close(fd);
+	ereport(LOG, (errmsg("athena_deferred: fault point \"%s\" reached, killing process", point)));
+	kill(MyProcPid, SIGKILL);
 }

@@ -42,6 +42,17 @@
 
 #define ATHENA_EXTENSION_NAME	"athena_deferred"
 
+/* Segments whose highest entry shared memory remembers (see wal.c) */
+#define WAL_SEGMENT_SLOTS	1024
+
+/* Values of athena_deferred.wal_sync */
+typedef enum WalSyncMode
+{
+	WAL_SYNC_OFF,
+	WAL_SYNC_BATCH,
+	WAL_SYNC_ALWAYS
+} WalSyncMode;
+
 /* Operation of an entry */
 typedef enum DeferredOp
 {
@@ -113,7 +124,6 @@ typedef struct DeferredShared
 
 	uint64		next_qseq;		/* next commit-order sequence number */
 	uint64		settled_qseq;	/* every entry below this is settled */
-	int64		epoch;			/* when this shared memory was initialized */
 
 	/* counters for deferred_stats() */
 	int64		pending;		/* published, not yet settled */
@@ -126,6 +136,29 @@ typedef struct DeferredShared
 
 	uint64		flush_requested_qseq;	/* deferred_flush() wants this settled */
 	Latch	   *worker_latch;	/* NULL while no worker runs */
+	bool		recovered;		/* the worker has replayed the WAL; until
+								 * then calls wait (queue_account) */
+
+	/* recovery counters, set once by the worker */
+	int64		recovered_entries;
+	int64		torn_records;
+	int64		corrupt_records;
+
+	/*
+	 * The WAL (wal.c).  wal_lock guards the insert position, the segment
+	 * table and the write into the segment; wal_flush_lock is held by the one
+	 * backend that fsyncs for a group of committers.
+	 */
+	LWLock	   *wal_lock;
+	LWLock	   *wal_flush_lock;
+	uint64		wal_insert_pos; /* next byte: segno * segment size + offset */
+	pg_atomic_uint64 wal_flushed_pos;	/* fsynced up to here */
+	TimestampTz wal_last_sync;	/* wal_flush_lock */
+	uint64		wal_oldest_segno;	/* worker only: oldest segment kept */
+	int64		wal_bytes;		/* written since start */
+	int64		wal_segments;	/* segment files in the directory */
+	uint64		seg_segno[WAL_SEGMENT_SLOTS];	/* which segment a slot tracks */
+	uint64		seg_max_qseq[WAL_SEGMENT_SLOTS];	/* highest entry in it */
 
 	ConditionVariable space_cv; /* broadcast when ring space is released */
 	ConditionVariable settled_cv;	/* broadcast after each flush */
@@ -143,6 +176,11 @@ extern int	deferred_enqueue_timeout_ms;
 extern char *deferred_notify_channel;
 extern bool deferred_skip_cache_invalidation;
 extern char *deferred_database;
+extern bool deferred_wal_enabled;
+extern char *deferred_wal_dir;
+extern int	deferred_wal_sync;
+extern int	deferred_wal_segment_size_kb;
+extern char *deferred_fault_point;
 
 /* athena_deferred.c */
 extern DeferredShared *deferred_shared;
@@ -162,12 +200,37 @@ extern void queue_settle(uint64 *positions, DeferredEntry **entries,
 						 int nentries, int64 applied, int64 failed,
 						 int64 dead);
 extern void queue_wake_worker(void);
+extern void queue_restore(DeferredEntry **entries, int nentries,
+						  uint64 next_qseq);
 
-/* flush.c */
+/* wal.c */
+extern uint64 wal_append(DeferredEntry **entries, int nentries);
+extern void wal_flush(uint64 upto);
+extern void wal_flush_written(void);
+extern void wal_append_abort(DeferredEntry **entries, int nentries);
+extern long wal_sync_due_in(void);
+extern void wal_remove_settled(uint64 settled_qseq);
+extern void wal_prepare_segments(void);
+extern char *wal_segment_path(uint64 segno);
+extern uint64 wal_segment_bytes(void);
+
+/* recovery.c */
+extern bool recovery_run(void);
+
+/* flush.c; Progress is what deferred_progress says */
+typedef struct Progress
+{
+	uint64		applied_upto;	/* entries below are settled ... */
+	int			nretry;			/* ... except these, still to retry */
+	uint64	   *retry_qseq;
+	int32	   *retry_attempts;
+} Progress;
+
+extern char *flush_extension_schema(void);
+extern void flush_read_progress(const char *schema, Progress *p);
 extern void flush_apply_entry(const DeferredEntry *entry, const char *relname,
 							  int64 *rows);
 extern int	flush_run(int max_entries);
-extern bool flush_recover_progress(void);
 
 /* notify.c */
 typedef struct NotifyTally NotifyTally;
@@ -180,9 +243,23 @@ extern void notify_tally_send(NotifyTally *tally);
 extern void deferred_register_worker(void);
 extern PGDLLEXPORT void deferred_worker_main(Datum main_arg);
 
+/* The columns of one JSON object: names, and whether each value is null */
+typedef struct KeyList
+{
+	int			nkeys;
+	char	  **names;
+	bool	   *isnull;
+} KeyList;
+
+/* entry.c: building entries */
+extern void entry_begin(StringInfo buf);
+extern void entry_add_part(StringInfo buf, DeferredPartKind kind,
+						   const KeyList *keys, const char *text, int textlen);
+
 /* athena_deferred.c: helpers shared by enqueue.c and flush.c */
 extern const char *deferred_op_name(DeferredOp op);
 extern Oid	deferred_extension_schema(void);
+extern void deferred_fault(const char *point);
 
 static inline const DeferredPart *
 entry_first_part(const DeferredEntry *entry)

@@ -64,21 +64,16 @@ typedef struct StagedEntry
 /* Entries of the current transaction, in call order */
 static List *staged = NIL;
 
-/* Set at pre-commit: the staged entries' ring positions */
+/* Set at pre-commit: the staged entries, their ring positions, and whether
+ * their WAL records were written */
+static DeferredEntry **staged_entries = NULL;
 static uint64 *staged_positions = NULL;
 static int	staged_npositions = 0;
+static bool staged_logged = false;
 
 /* Cached per backend */
 static Oid	worker_database_oid = InvalidOid;
 static Oid	id_sequence_oid = InvalidOid;
-
-/* The columns of one JSON object, as found by the validation */
-typedef struct KeyList
-{
-	int			nkeys;
-	char	  **names;
-	bool	   *isnull;
-} KeyList;
 
 /*
  * Refuse calls the queue cannot serve: on a standby, in a read-only
@@ -243,49 +238,6 @@ object_argument(Jsonb *jb, const char *argname)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("argument \"%s\" must not be an empty object", argname)));
 	return &jb->root;
-}
-
-/* Start serializing an entry: room for the header, filled in later */
-static void
-entry_begin(StringInfo buf)
-{
-	initStringInfo(buf);
-	appendStringInfoSpaces(buf, MAXALIGN(sizeof(DeferredEntry)));
-}
-
-static void
-append_padding(StringInfo buf)
-{
-	while (buf->len % sizeof(uint32) != 0)
-		appendStringInfoChar(buf, '\0');
-}
-
-/* Append one part: its column names, then its JSON text */
-static void
-entry_add_part(StringInfo buf, DeferredPartKind kind, const KeyList *keys,
-			   const char *text, int textlen)
-{
-	DeferredPart part;
-	int			parthdr = buf->len;
-	int			names_start;
-
-	appendStringInfoSpaces(buf, sizeof(DeferredPart));
-	names_start = buf->len;
-	for (int i = 0; i < keys->nkeys; i++)
-	{
-		appendStringInfoChar(buf, keys->isnull[i] ? 'n' : 'v');
-		appendBinaryStringInfo(buf, keys->names[i], strlen(keys->names[i]) + 1);
-	}
-	append_padding(buf);
-
-	part.kind = kind;
-	part.ncols = keys->nkeys;
-	part.namelen = buf->len - names_start;
-	part.textlen = textlen;
-	memcpy(buf->data + parthdr, &part, sizeof(part));
-
-	appendBinaryStringInfo(buf, text, textlen);
-	append_padding(buf);
 }
 
 /* Next entry id, from the extension's sequence */
@@ -577,8 +529,8 @@ deferred_stats(PG_FUNCTION_ARGS)
 {
 	DeferredShared *q = deferred_shared;
 	TupleDesc	tupdesc;
-	Datum		values[9];
-	bool		nulls[9] = {0};
+	Datum		values[14];
+	bool		nulls[14] = {0};
 
 	if (q == NULL)
 		check_call_context("deferred_stats()");
@@ -596,6 +548,11 @@ deferred_stats(PG_FUNCTION_ARGS)
 	values[7] = Int64GetDatum(q->flushes);
 	values[8] = TimestampTzGetDatum(q->last_flush_at);
 	nulls[8] = (q->last_flush_at == 0);
+	values[9] = Int64GetDatum(q->recovered_entries);
+	values[10] = Int64GetDatum(q->torn_records);
+	values[11] = Int64GetDatum(q->corrupt_records);
+	values[12] = Int64GetDatum(q->wal_bytes);
+	values[13] = Int64GetDatum(q->wal_segments);
 	LWLockRelease(q->lock);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
@@ -606,8 +563,10 @@ static void
 staged_reset(void)
 {
 	staged = NIL;
+	staged_entries = NULL;
 	staged_positions = NULL;
 	staged_npositions = 0;
+	staged_logged = false;
 }
 
 static Size
@@ -634,21 +593,29 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 			if (staged != NIL)
 			{
 				int			n = list_length(staged);
-				DeferredEntry **entries;
 				TransactionId xid = GetTopTransactionIdIfAny();
 				int			i = 0;
 				ListCell   *lc;
+				uint64		wal_end;
 
-				entries = MemoryContextAlloc(TopTransactionContext, sizeof(DeferredEntry *) * n);
+				staged_entries = MemoryContextAlloc(TopTransactionContext, sizeof(DeferredEntry *) * n);
 				staged_positions = MemoryContextAlloc(TopTransactionContext, sizeof(uint64) * n);
 				foreach(lc, staged)
 				{
-					entries[i] = ((StagedEntry *) lfirst(lc))->entry;
-					entries[i]->xid = xid;
+					staged_entries[i] = ((StagedEntry *) lfirst(lc))->entry;
+					staged_entries[i]->xid = xid;
 					i++;
 				}
-				queue_reserve(entries, staged_positions, n);
+				queue_reserve(staged_entries, staged_positions, n);
 				staged_npositions = n;
+
+				/* logged, and durable per wal_sync, before the commit returns */
+				deferred_fault("before_wal_write");
+				wal_end = wal_append(staged_entries, n);
+				staged_logged = (wal_end != 0);
+				if (staged_logged && deferred_wal_sync == WAL_SYNC_ALWAYS)
+					wal_flush(wal_end);
+				deferred_fault("after_wal_write");
 			}
 			break;
 
@@ -666,6 +633,8 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 			break;
 
 		case XACT_EVENT_ABORT:
+			if (staged_logged)
+				wal_append_abort(staged_entries, staged_npositions);
 			if (staged_npositions > 0)
 				queue_cancel(staged_positions, staged_npositions);
 			else if (staged != NIL)

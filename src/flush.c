@@ -10,8 +10,10 @@
  * entry stays in the queue for the next flush, ahead of newer entries,
  * until max_flush_attempts; then it moves to deferred_dead_letters.  The
  * same transaction records how far the queue has been applied
- * (deferred_progress), so that a worker that dies between its commit and
- * updating shared memory does not apply anything twice.
+ * (deferred_progress), so that neither recovery after a crash nor a worker
+ * that dies between its commit and updating shared memory applies anything
+ * twice.  Only after that commit (synchronous, see worker.c) may WAL
+ * segments holding the settled entries go.
  *
  * Values travel as JSON parameters, never as SQL text; identifiers are
  * quoted.  This file never touches files.
@@ -314,37 +316,47 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 }
 
 /* Name of the extension's schema, or NULL if it is not installed here */
-static char *
-extension_schema(void)
+char *
+flush_extension_schema(void)
 {
 	Oid			nspid = deferred_extension_schema();
 
 	return OidIsValid(nspid) ? get_namespace_name(nspid) : NULL;
 }
 
-/* Record, in the flush transaction, how far the queue has been applied */
+/*
+ * Record, in the flush transaction, how far the queue has been applied:
+ * everything below applied_upto is settled except the entries to retry.
+ */
 static void
 record_progress(const char *schema, uint64 applied_upto, List *retry)
 {
 	StringInfoData sql;
-	Oid			types[3] = {INT8OID, INT8OID, INT8ARRAYOID};
+	Oid			types[3] = {INT8OID, INT8ARRAYOID, INT4ARRAYOID};
 	Datum		values[3];
-	Datum	   *elems;
+	Datum	   *qseqs;
+	Datum	   *attempts;
 	int			n = list_length(retry);
 	int			i = 0;
 	ListCell   *lc;
 
-	elems = palloc(sizeof(Datum) * Max(n, 1));
+	qseqs = palloc(sizeof(Datum) * Max(n, 1));
+	attempts = palloc(sizeof(Datum) * Max(n, 1));
 	foreach(lc, retry)
-		elems[i++] = Int64GetDatum(*(uint64 *) lfirst(lc));
+	{
+		DeferredEntry *e = lfirst(lc);
 
-	values[0] = Int64GetDatum(deferred_shared->epoch);
-	values[1] = Int64GetDatum((int64) applied_upto);
-	values[2] = PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		qseqs[i] = Int64GetDatum((int64) e->qseq);
+		attempts[i++] = Int32GetDatum((int32) e->attempts);
+	}
+
+	values[0] = Int64GetDatum((int64) applied_upto);
+	values[1] = PointerGetDatum(construct_array(qseqs, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[2] = PointerGetDatum(construct_array(attempts, n, INT4OID, 4, true, TYPALIGN_INT));
 
 	initStringInfo(&sql);
 	appendStringInfo(&sql,
-					 "UPDATE %s.deferred_progress SET epoch = $1, applied_upto = $2, retry = $3",
+					 "UPDATE %s.deferred_progress SET applied_upto = $1, retry = $2, retry_attempts = $3",
 					 quote_identifier(schema));
 	if (SPI_execute_with_args(sql.data, 3, types, values, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not record athena_deferred progress");
@@ -379,7 +391,7 @@ flush_run(int max_entries)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	oldcxt = MemoryContextSwitchTo(flush_context);
 
-	schema = extension_schema();
+	schema = flush_extension_schema();
 	n = schema ? queue_collect(&entries, &positions, max_entries) : 0;
 	if (n > 0)
 	{
@@ -410,7 +422,7 @@ flush_run(int max_entries)
 				ereport(WARNING,
 						(errmsg("athena_deferred: entry " INT64_FORMAT " failed (attempt %u of %d), will retry: %s",
 								e->id, e->attempts, deferred_max_flush_attempts, edata->message)));
-				retry = lappend(retry, &e->qseq);
+				retry = lappend(retry, e);
 			}
 		}
 		record_progress(schema, entries[n - 1]->qseq + 1, retry);
@@ -420,87 +432,50 @@ flush_run(int max_entries)
 	MemoryContextSwitchTo(oldcxt);
 	SPI_finish();
 	PopActiveSnapshot();
+	if (n > 0)
+		deferred_fault("before_flush_commit");
 	CommitTransactionCommand();
 
 	if (n > 0)
+	{
+		deferred_fault("after_flush_commit");
 		queue_settle(positions, entries, n, applied, failed, dead);
+		wal_remove_settled(deferred_shared->settled_qseq);
+	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 	pgstat_report_stat(false);
 	MemoryContextReset(flush_context);
 	return schema ? n : -1;
 }
 
-/*
- * At worker start: entries that a committed flush applied but whose worker
- * died before marking them in shared memory are marked now, from the
- * progress the flush recorded.  Returns false if the extension is not
- * installed yet.
- */
-bool
-flush_recover_progress(void)
+/* Read the single row of deferred_progress (SPI connected) */
+void
+flush_read_progress(const char *schema, Progress *p)
 {
-	bool		installed = false;
+	char	   *sql = psprintf("SELECT applied_upto, retry, retry_attempts FROM %s.deferred_progress",
+							   quote_identifier(schema));
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum	   *elems;
+	int			n;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	memset(p, 0, sizeof(*p));
+	if (SPI_execute(sql, true, 0) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "athena_deferred: deferred_progress must have exactly one row");
+	tuple = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
 
-	{
-		char	   *schema = extension_schema();
-		StringInfoData sql;
-
-		if (schema != NULL)
-		{
-			installed = true;
-			initStringInfo(&sql);
-			appendStringInfo(&sql, "SELECT epoch, applied_upto, retry FROM %s.deferred_progress",
-							 quote_identifier(schema));
-			if (SPI_execute(sql.data, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
-			{
-				bool		isnull;
-				int64		epoch = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-				uint64		upto = (uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-				ArrayType  *retry = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
-
-				if (epoch == deferred_shared->epoch)
-				{
-					MemoryContext oldcxt = MemoryContextSwitchTo(TopTransactionContext);
-					DeferredEntry **entries;
-					uint64	   *positions;
-					Datum	   *elems;
-					int			nelems;
-					int			n = queue_collect(&entries, &positions, INT_MAX);
-					int64		done = 0;
-
-					deconstruct_array(retry, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, NULL, &nelems);
-					for (int i = 0; i < n; i++)
-					{
-						bool		retrying = false;
-
-						for (int j = 0; j < nelems; j++)
-							retrying |= ((uint64) DatumGetInt64(elems[j]) == entries[i]->qseq);
-						if (entries[i]->qseq < upto && !retrying)
-						{
-							entries[i]->state = ENTRY_DONE;
-							done++;
-						}
-					}
-					if (done > 0)
-					{
-						ereport(LOG,
-								(errmsg("athena_deferred: " INT64_FORMAT " entries were applied by a flush whose worker exited before releasing them",
-										done)));
-						queue_settle(positions, entries, n, done, 0, 0);
-					}
-					MemoryContextSwitchTo(oldcxt);
-				}
-			}
-		}
-	}
-
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	return installed;
+	p->applied_upto = (uint64) DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)),
+					  INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, NULL, &n);
+	p->nretry = n;
+	p->retry_qseq = palloc(sizeof(uint64) * Max(n, 1));
+	p->retry_attempts = palloc0(sizeof(int32) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+		p->retry_qseq[i] = (uint64) DatumGetInt64(elems[i]);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 3, &isnull)),
+					  INT4OID, 4, true, TYPALIGN_INT, &elems, NULL, &n);
+	for (int i = 0; i < Min(n, p->nretry); i++)
+		p->retry_attempts[i] = DatumGetInt32(elems[i]);
 }

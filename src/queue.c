@@ -76,7 +76,7 @@ queue_shmem_init(DeferredShared *shared, bool found)
 	shared->capacity = (uint64) deferred_queue_size_kb * 1024;
 	shared->next_qseq = 1;
 	shared->settled_qseq = 1;
-	shared->epoch = GetCurrentTimestamp();
+	pg_atomic_init_u64(&shared->wal_flushed_pos, 0);
 	ConditionVariableInit(&shared->space_cv);
 	ConditionVariableInit(&shared->settled_cv);
 }
@@ -104,8 +104,11 @@ queue_account(Size size, int timeout_ms)
 		bool		done = false;
 		long		remaining;
 
+		bool		recovered;
+
 		LWLockAcquire(q->lock, LW_EXCLUSIVE);
-		if (q->reserve_pos - q->head_pos + q->accounted + size <= q->capacity)
+		recovered = q->recovered;
+		if (recovered && q->reserve_pos - q->head_pos + q->accounted + size <= q->capacity)
 		{
 			q->accounted += size;
 			done = true;
@@ -114,11 +117,17 @@ queue_account(Size size, int timeout_ms)
 		if (done)
 			break;
 
-		/* no room: make sure the worker is working on it, then wait */
+		/* no room, or recovery pending: make sure the worker is on it, wait */
 		queue_wake_worker();
 		if (deadline == 0)
 			deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
 		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (remaining <= 0 && !recovered)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("athena_deferred has not finished recovering its queue"),
+					 errdetail("The worker replays the WAL of pending entries when it starts; no entry is accepted before that."),
+					 errhint("Check that the athena_deferred worker is running, and what it logs.")));
 		if (remaining <= 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
@@ -313,6 +322,45 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 
 	ConditionVariableBroadcast(&q->space_cv);
 	ConditionVariableBroadcast(&q->settled_cv);
+}
+
+/*
+ * Recovery: put entries replayed from the WAL, sorted by qseq, into the
+ * empty queue as published, and let calls in.
+ */
+void
+queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
+{
+	DeferredShared *q = deferred_shared;
+	uint64		total = 0;
+	int			i;
+
+	for (i = 0; i < nentries; i++)
+		total += entries[i]->size;
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	if (q->reserve_pos - q->head_pos + q->accounted + total > q->capacity)
+	{
+		LWLockRelease(q->lock);
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+				 errmsg("%d recovered entries (%llu bytes) do not fit in the queue",
+						nentries, (unsigned long long) total),
+				 errhint("Increase athena_deferred.queue_size to at least the size it had before the restart.")));
+	}
+	for (i = 0; i < nentries; i++)
+	{
+		entries[i]->state = ENTRY_PUBLISHED;
+		ring_write(q->reserve_pos, entries[i], entries[i]->size);
+		q->reserve_pos += entries[i]->size;
+	}
+	q->pending += nentries;
+	q->next_qseq = Max(q->next_qseq, next_qseq);
+	queue_advance_head_locked();
+	q->recovered = true;
+	LWLockRelease(q->lock);
+
+	ConditionVariableBroadcast(&q->space_cv);
 }
 
 /* Wake the worker, if one is running */

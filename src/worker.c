@@ -5,8 +5,11 @@
  *
  * The worker wakes every batch_window_ms, when a committing backend finds
  * batch_max_size entries pending, and when deferred_flush() asks; each time
- * it flushes what is published.  SIGHUP reloads the settings; SIGTERM lets
- * the flush at hand finish, then exits.  The SQL work lives in flush.c.
+ * it flushes what is published.  Before its first flush it replays the WAL
+ * (recovery.c).  With wal_sync = batch it also fsyncs the WAL every
+ * batch_window_ms, and it creates the next WAL segment ahead of need.
+ * SIGHUP reloads the settings; SIGTERM lets the flush at hand finish, then
+ * exits.  The SQL work lives in flush.c.
  *
  *-------------------------------------------------------------------------
  */
@@ -75,6 +78,12 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 	BackgroundWorkerInitializeConnection(deferred_database, NULL, 0);
 	pgstat_report_appname("athena_deferred worker");
 
+	/*
+	 * A flush's commit must be durable before the WAL segments holding its
+	 * entries are removed, whatever the server's default.
+	 */
+	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
+
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
 	deferred_shared->worker_latch = MyLatch;
 	LWLockRelease(deferred_shared->lock);
@@ -96,9 +105,12 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 
 		/* until CREATE EXTENSION has run here, there is nothing to do */
 		if (!ready)
-			ready = flush_recover_progress();
+			ready = recovery_run();
 		if (ready)
 			handled = flush_run(FLUSH_MAX_ENTRIES);
+		if (wal_sync_due_in() == 0)
+			wal_flush_written();
+		wal_prepare_segments();
 
 		/*
 		 * Go again at once while there is more than one flush's worth, or
@@ -113,6 +125,9 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 			timeout = 1000;
 		else
 			timeout = deferred_batch_window_ms > 0 ? deferred_batch_window_ms : -1;
+		/* with wal_sync = batch, wake up for the background fsync too */
+		if (wal_sync_due_in() >= 0 && (timeout < 0 || wal_sync_due_in() < timeout))
+			timeout = wal_sync_due_in();
 
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),

@@ -1,0 +1,55 @@
+/*-------------------------------------------------------------------------
+ *
+ * entry.c
+ *		Building an entry in its queue format (see DeferredEntry): used by
+ *		the calls, which serialize what they validated, and by recovery,
+ *		which rebuilds entries from WAL records.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "athena_deferred.h"
+
+/* Start an entry: room for the header, filled in by the caller */
+void
+entry_begin(StringInfo buf)
+{
+	initStringInfo(buf);
+	appendStringInfoSpaces(buf, MAXALIGN(sizeof(DeferredEntry)));
+}
+
+static void
+append_padding(StringInfo buf)
+{
+	while (buf->len % sizeof(uint32) != 0)
+		appendStringInfoChar(buf, '\0');
+}
+
+/* Append one part: its column names, then its JSON text */
+void
+entry_add_part(StringInfo buf, DeferredPartKind kind, const KeyList *keys,
+			   const char *text, int textlen)
+{
+	DeferredPart part;
+	int			parthdr = buf->len;
+	int			names_start;
+
+	appendStringInfoSpaces(buf, sizeof(DeferredPart));
+	names_start = buf->len;
+	for (int i = 0; i < keys->nkeys; i++)
+	{
+		appendStringInfoChar(buf, keys->isnull[i] ? 'n' : 'v');
+		appendBinaryStringInfo(buf, keys->names[i], strlen(keys->names[i]) + 1);
+	}
+	append_padding(buf);
+
+	part.kind = kind;
+	part.ncols = keys->nkeys;
+	part.namelen = buf->len - names_start;
+	part.textlen = textlen;
+	memcpy(buf->data + parthdr, &part, sizeof(part));
+
+	appendBinaryStringInfo(buf, text, textlen);
+	append_padding(buf);
+}

@@ -1,0 +1,516 @@
+/*-------------------------------------------------------------------------
+ *
+ * wal.c
+ *		athena_deferred's own write-ahead log: every entry is written here
+ *		before its transaction's commit returns.
+ *
+ * The log is a series of pre-allocated, zero-filled segment files in
+ * athena_deferred.wal_dir, named by segment number.  A committing
+ * transaction frames all its entries into one buffer (one JSON record per
+ * entry, see wal_format.h) and writes it with one pwrite() at a position
+ * taken under wal_lock; then, with wal_sync = always, waits until an fsync
+ * covers it.  Concurrent committers share that fsync: whoever gets
+ * wal_flush_lock syncs everything written so far, the others wake up to
+ * find their records already durable (as XLogFlush does).
+ *
+ * Files are only ever appended to at the insert position, which moves to a
+ * fresh segment after a restart; a segment is removed by the worker once
+ * every entry in it is settled and the flush that settled it has committed.
+ * Nothing is truncated or rewritten.
+ *
+ * This file knows nothing of SQL.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <jansson.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/fd.h"
+#include "utils/timestamp.h"
+
+#include "athena_deferred.h"
+#include "wal_format.h"
+
+/* This backend's open segment, for writing */
+static int	wal_fd = -1;
+static uint64 wal_fd_segno = 0;
+
+uint64
+wal_segment_bytes(void)
+{
+	return (uint64) deferred_wal_segment_size_kb * 1024;
+}
+
+/* Path of a segment (palloc'd) */
+char *
+wal_segment_path(uint64 segno)
+{
+	return psprintf("%s/%016llX", deferred_wal_dir, (unsigned long long) segno);
+}
+
+/*
+ * Create a segment: zero-fill a temporary file, fsync it, then link it into
+ * place.  link() fails if the segment exists, so two creators cannot
+ * replace a segment someone already writes into.  Returns false (having
+ * reported at elevel) on failure.
+ */
+static bool
+wal_create_segment(uint64 segno, int elevel)
+{
+	char	   *path = wal_segment_path(segno);
+	char	   *tmppath = psprintf("%s/tmp.%d", deferred_wal_dir, MyProcPid);
+	static char zeros[65536];
+	uint64		size = wal_segment_bytes();
+	uint64		done;
+	int			fd;
+	bool		linked;
+
+	(void) MakePGDirectory(deferred_wal_dir);
+	unlink(tmppath);
+	fd = BasicOpenFilePerm(tmppath, O_RDWR | O_CREAT | O_EXCL | PG_BINARY, S_IRUSR | S_IWUSR);
+	if (fd < 0)
+	{
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not create athena_deferred WAL file \"%s\": %m", tmppath)));
+		return false;
+	}
+	for (done = 0; done < size; done += sizeof(zeros))
+	{
+		Size		chunk = Min(sizeof(zeros), size - done);
+
+		errno = 0;
+		if (write(fd, zeros, chunk) != (ssize_t) chunk)
+		{
+			int			save_errno = errno ? errno : ENOSPC;
+
+			close(fd);
+			unlink(tmppath);
+			errno = save_errno;
+			ereport(elevel,
+					(errcode_for_file_access(),
+					 errmsg("could not zero-fill athena_deferred WAL file \"%s\": %m", tmppath)));
+			return false;
+		}
+	}
+	if (pg_fsync(fd) != 0)
+	{
+		int			save_errno = errno;
+
+		close(fd);
+		unlink(tmppath);
+		errno = save_errno;
+		ereport(data_sync_elevel(elevel),
+				(errcode_for_file_access(),
+				 errmsg("could not fsync athena_deferred WAL file \"%s\": %m", tmppath)));
+		return false;
+	}
+	close(fd);
+
+	linked = (link(tmppath, path) == 0);
+	if (!linked && errno != EEXIST)
+	{
+		int			save_errno = errno;
+
+		unlink(tmppath);
+		errno = save_errno;
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not link athena_deferred WAL file \"%s\" to \"%s\": %m", tmppath, path)));
+		return false;
+	}
+	unlink(tmppath);
+	if (fsync_fname_ext(deferred_wal_dir, true, false, elevel) != 0)
+		return false;
+
+	if (linked)
+	{
+		LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+		deferred_shared->wal_segments++;
+		LWLockRelease(deferred_shared->lock);
+	}
+	return true;
+}
+
+/* Open (creating if need be) the segment to write into */
+static int
+wal_open_segment(uint64 segno, int elevel)
+{
+	char	   *path;
+
+	if (wal_fd >= 0 && wal_fd_segno == segno)
+		return wal_fd;
+	if (wal_fd >= 0)
+		close(wal_fd);
+	wal_fd = -1;
+
+	path = wal_segment_path(segno);
+	wal_fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+	if (wal_fd < 0 && errno == ENOENT && wal_create_segment(segno, elevel))
+		wal_fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+	if (wal_fd < 0)
+	{
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
+		return -1;
+	}
+	wal_fd_segno = segno;
+	return wal_fd;
+}
+
+/*
+ * Write framed records at the insert position, in the current segment or,
+ * if they do not fit, at the start of the next one.  Returns the position
+ * just past them, or 0 after reporting a failure at elevel.
+ */
+static uint64
+wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
+{
+	DeferredShared *q = deferred_shared;
+	uint64		segsize = wal_segment_bytes();
+	uint64		pos;
+	uint64		segno;
+	int			fd;
+	int			slot;
+
+	if (len > segsize)
+	{
+		ereport(elevel,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("deferred entries of %zu bytes do not fit in a WAL segment", len),
+				 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
+		return 0;
+	}
+
+	LWLockAcquire(q->wal_lock, LW_EXCLUSIVE);
+	pos = q->wal_insert_pos;
+	if (pos % segsize + len > segsize)
+		pos += segsize - pos % segsize;
+	segno = pos / segsize;
+
+	fd = wal_open_segment(segno, elevel);
+	if (fd >= 0)
+	{
+		ssize_t		written;
+
+		pgstat_report_wait_start(PG_WAIT_EXTENSION);
+		errno = 0;
+		written = pg_pwrite(fd, data, len, (off_t) (pos % segsize));
+		pgstat_report_wait_end();
+		if (written != (ssize_t) len)
+		{
+			/* the insert position stays: the next write goes over this one */
+			if (errno == 0)
+				errno = ENOSPC;
+			ereport(elevel,
+					(errcode_for_file_access(),
+					 errmsg("could not write to athena_deferred WAL segment %016llX: %m",
+							(unsigned long long) segno)));
+			fd = -1;
+		}
+	}
+	if (fd < 0)
+	{
+		LWLockRelease(q->wal_lock);
+		return 0;
+	}
+
+	slot = segno % WAL_SEGMENT_SLOTS;
+	if (q->seg_segno[slot] != segno)
+	{
+		q->seg_segno[slot] = segno;
+		q->seg_max_qseq[slot] = 0;
+	}
+	q->seg_max_qseq[slot] = Max(q->seg_max_qseq[slot], max_qseq);
+	q->wal_insert_pos = pos + len;
+	q->wal_bytes += len;
+	LWLockRelease(q->wal_lock);
+
+	return pos + len;
+}
+
+/* Frame one JSON record and append it to buf */
+static void
+append_record(StringInfo buf, json_t *rec)
+{
+	char	   *payload = json_dumps(rec, JSON_COMPACT);
+	size_t		len;
+	size_t		size;
+
+	json_decref(rec);
+	if (payload == NULL)
+		elog(ERROR, "could not serialize athena_deferred WAL record");
+	len = strlen(payload);
+	size = wal_record_size(len);
+	enlargeStringInfo(buf, size);
+	wal_record_frame(buf->data + buf->len, payload, len);
+	buf->len += size;
+	free(payload);
+}
+
+/* An entry as a WAL record: everything needed to queue it again */
+static json_t *
+entry_record(const DeferredEntry *e)
+{
+	json_t	   *parts = json_array();
+	const DeferredPart *part = entry_first_part(e);
+
+	for (int i = 0; i < e->nparts; i++, part = part_next(part))
+	{
+		json_t	   *cols = json_array();
+		const char *name = part_names(part);
+		StringInfoData nulls;
+
+		initStringInfo(&nulls);
+		for (int c = 0; c < part->ncols; c++)
+		{
+			appendStringInfoChar(&nulls, *name++);
+			json_array_append_new(cols, json_stringn_nocheck(name, strlen(name)));
+			name += strlen(name) + 1;
+		}
+		json_array_append_new(parts,
+							  json_pack("{s:i, s:o, s:s, s:o}",
+										"k", (int) part->kind,
+										"c", cols,
+										"n", nulls.data,
+										"j", json_stringn_nocheck(part_text(part), part->textlen)));
+	}
+	return json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:i, s:I, s:I, s:I, s:o}",
+					 "t", "e",
+					 "id", (json_int_t) e->id,
+					 "q", (json_int_t) e->qseq,
+					 "db", (json_int_t) e->dbid,
+					 "role", (json_int_t) e->roleid,
+					 "rel", (json_int_t) e->relid,
+					 "op", (int) e->op,
+					 "xid", (json_int_t) e->xid,
+					 "at", (json_int_t) e->enqueued_at,
+					 "att", (json_int_t) e->attempts,
+					 "p", parts);
+}
+
+/*
+ * Log a committing transaction's entries (already given their qseq) with
+ * one write.  Returns the position the log must be flushed to for them to
+ * be durable, or 0 when the log is disabled.
+ */
+uint64
+wal_append(DeferredEntry **entries, int nentries)
+{
+	StringInfoData buf;
+	uint64		max_qseq = 0;
+	uint64		end;
+
+	if (!deferred_wal_enabled)
+		return 0;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < nentries; i++)
+	{
+		append_record(&buf, entry_record(entries[i]));
+		max_qseq = Max(max_qseq, entries[i]->qseq);
+	}
+	end = wal_write(buf.data, buf.len, max_qseq, ERROR);
+	pfree(buf.data);
+	return end;
+}
+
+/*
+ * Make the log durable up to upto, sharing the fsync with whoever else is
+ * committing.  A failed fsync is not retried blindly: as for PostgreSQL's
+ * own files, data_sync_retry decides between ERROR and PANIC.
+ */
+void
+wal_flush(uint64 upto)
+{
+	DeferredShared *q = deferred_shared;
+	uint64		segsize = wal_segment_bytes();
+
+	while (pg_atomic_read_u64(&q->wal_flushed_pos) < upto)
+	{
+		uint64		from;
+		uint64		target;
+
+		/* if someone else is syncing, wait for them and look again */
+		if (!LWLockAcquireOrWait(q->wal_flush_lock, LW_EXCLUSIVE))
+			continue;
+
+		from = pg_atomic_read_u64(&q->wal_flushed_pos);
+		LWLockAcquire(q->wal_lock, LW_SHARED);
+		target = q->wal_insert_pos;
+		LWLockRelease(q->wal_lock);
+
+		if (from < upto)
+		{
+			for (uint64 segno = from / segsize; segno <= (target - 1) / segsize; segno++)
+			{
+				char	   *path = wal_segment_path(segno);
+				int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+
+				/* a segment removed meanwhile no longer matters */
+				if (fd < 0 && errno == ENOENT)
+					continue;
+				if (fd < 0)
+					ereport(ERROR,
+							(errcode_for_file_access(),
+							 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
+				pgstat_report_wait_start(PG_WAIT_EXTENSION);
+				if (pg_fdatasync(fd) != 0)
+				{
+					int			save_errno = errno;
+
+					close(fd);
+					errno = save_errno;
+					ereport(data_sync_elevel(ERROR),
+							(errcode_for_file_access(),
+							 errmsg("could not fsync athena_deferred WAL file \"%s\": %m", path)));
+				}
+				pgstat_report_wait_end();
+				close(fd);
+				pfree(path);
+			}
+			pg_atomic_write_u64(&q->wal_flushed_pos, target);
+			q->wal_last_sync = GetCurrentTimestamp();
+		}
+		LWLockRelease(q->wal_flush_lock);
+	}
+}
+
+/*
+ * Log that entries already written were abandoned: their transaction
+ * aborted after pre-commit.  Runs during abort, so it cannot throw; if it
+ * fails, the entries' xid (when they have one) still keeps recovery from
+ * applying them.
+ */
+void
+wal_append_abort(DeferredEntry **entries, int nentries)
+{
+	json_t	   *qseqs = json_array();
+	StringInfoData buf;
+	uint64		end;
+
+	if (!deferred_wal_enabled)
+		return;
+	for (int i = 0; i < nentries; i++)
+		json_array_append_new(qseqs, json_integer((json_int_t) entries[i]->qseq));
+	initStringInfo(&buf);
+	append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", qseqs));
+	end = wal_write(buf.data, buf.len, 0, WARNING);
+	if (end != 0 && deferred_wal_sync == WAL_SYNC_ALWAYS)
+		wal_flush(end);
+}
+
+/* Make everything written so far durable (the batch-mode background sync) */
+void
+wal_flush_written(void)
+{
+	uint64		written;
+
+	LWLockAcquire(deferred_shared->wal_lock, LW_SHARED);
+	written = deferred_shared->wal_insert_pos;
+	LWLockRelease(deferred_shared->wal_lock);
+	wal_flush(written);
+}
+
+/*
+ * With wal_sync = batch, milliseconds until the next background fsync is
+ * due (0: now), or -1 when nothing waits to be synced.
+ */
+long
+wal_sync_due_in(void)
+{
+	DeferredShared *q = deferred_shared;
+	long		interval = deferred_batch_window_ms > 0 ? deferred_batch_window_ms : 1000;
+	uint64		written;
+
+	if (!deferred_wal_enabled || deferred_wal_sync != WAL_SYNC_BATCH)
+		return -1;
+	LWLockAcquire(q->wal_lock, LW_SHARED);
+	written = q->wal_insert_pos;
+	LWLockRelease(q->wal_lock);
+	if (pg_atomic_read_u64(&q->wal_flushed_pos) >= written)
+		return -1;
+	return Max(0, interval - TimestampDifferenceMilliseconds(q->wal_last_sync, GetCurrentTimestamp()));
+}
+
+/*
+ * Worker: create the segment being written and the one after it ahead of
+ * need, so that committers rarely pay for zero-filling one.
+ */
+void
+wal_prepare_segments(void)
+{
+	uint64		current;
+
+	if (!deferred_wal_enabled)
+		return;
+	LWLockAcquire(deferred_shared->wal_lock, LW_SHARED);
+	current = deferred_shared->wal_insert_pos / wal_segment_bytes();
+	LWLockRelease(deferred_shared->wal_lock);
+
+	for (uint64 segno = current; segno <= current + 1; segno++)
+	{
+		char	   *path = wal_segment_path(segno);
+		struct stat st;
+
+		if (stat(path, &st) != 0 && errno == ENOENT)
+			(void) wal_create_segment(segno, LOG);
+		pfree(path);
+	}
+}
+
+/*
+ * Worker, after a flush has committed: remove the segments, oldest first,
+ * whose entries are all settled.  The segment being written is kept.
+ */
+void
+wal_remove_settled(uint64 settled_qseq)
+{
+	DeferredShared *q = deferred_shared;
+	uint64		current;
+
+	LWLockAcquire(q->wal_lock, LW_SHARED);
+	current = q->wal_insert_pos / wal_segment_bytes();
+	LWLockRelease(q->wal_lock);
+
+	while (q->wal_oldest_segno < current)
+	{
+		uint64		segno = q->wal_oldest_segno;
+		int			slot = segno % WAL_SEGMENT_SLOTS;
+		bool		settled;
+		char	   *path;
+
+		LWLockAcquire(q->wal_lock, LW_SHARED);
+		/* a slot taken over by a newer segment: ours is unknown, keep it */
+		settled = q->seg_segno[slot] != segno ? (q->seg_segno[slot] < segno)
+			: q->seg_max_qseq[slot] < settled_qseq;
+		LWLockRelease(q->wal_lock);
+		if (!settled)
+			break;
+
+		path = wal_segment_path(segno);
+		if (unlink(path) == 0)
+		{
+			LWLockAcquire(q->lock, LW_EXCLUSIVE);
+			q->wal_segments--;
+			LWLockRelease(q->lock);
+			deferred_fault("segment_removal");
+		}
+		else if (errno != ENOENT)
+		{
+			ereport(LOG,
+					(errcode_for_file_access(),
+					 errmsg("could not remove athena_deferred WAL file \"%s\": %m", path)));
+			break;
+		}
+		pfree(path);
+		q->wal_oldest_segno++;
+	}
+}
