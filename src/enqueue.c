@@ -502,8 +502,9 @@ deferred_flush(PG_FUNCTION_ARGS)
 		bool		settled;
 		long		remaining;
 
+		/* before recovery, what was committed before a restart is not settled */
 		LWLockAcquire(q->lock, LW_SHARED);
-		settled = q->settled_qseq >= target;
+		settled = q->recovered && q->settled_qseq >= target;
 		applied_after = q->applied;
 		LWLockRelease(q->lock);
 		if (settled)

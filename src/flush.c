@@ -12,8 +12,8 @@
  * same transaction records how far the queue has been applied
  * (deferred_progress), so that neither recovery after a crash nor a worker
  * that dies between its commit and updating shared memory applies anything
- * twice.  Only after that commit (synchronous, see worker.c) may WAL
- * segments holding the settled entries go.
+ * twice.  Only after that commit (synchronous, see worker.c) may the worker
+ * remove WAL segments holding the settled entries.
  *
  * Values travel as JSON parameters, never as SQL text; identifiers are
  * quoted.  This file never touches files.
@@ -440,7 +440,6 @@ flush_run(int max_entries)
 	{
 		deferred_fault("after_flush_commit");
 		queue_settle(positions, entries, n, applied, failed, dead);
-		wal_remove_settled(deferred_shared->settled_qseq);
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 	pgstat_report_stat(false);

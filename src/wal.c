@@ -165,10 +165,32 @@ wal_open_segment(uint64 segno, int elevel)
 	return wal_fd;
 }
 
+/* Bytes of the whole records at the start of data that fit in room */
+static Size
+records_fitting(const char *data, Size len, Size room)
+{
+	Size		off = 0;
+
+	while (off < len)
+	{
+		uint32		reclen;
+		Size		size;
+
+		memcpy(&reclen, data + off + sizeof(uint32), sizeof(uint32));
+		size = wal_record_size(reclen);
+		if (off + size > room)
+			break;
+		off += size;
+	}
+	return off;
+}
+
 /*
- * Write framed records at the insert position, in the current segment or,
- * if they do not fit, at the start of the next one.  Returns the position
- * just past them, or 0 after reporting a failure at elevel.
+ * Write framed records at the insert position: as many whole records as
+ * fit in the current segment, the rest from the start of the next ones.
+ * One write() for a transaction's records unless they span segments.
+ * Returns the position just past them, or 0 after reporting a failure at
+ * elevel.
  */
 static uint64
 wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
@@ -176,64 +198,79 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
 	DeferredShared *q = deferred_shared;
 	uint64		segsize = wal_segment_bytes();
 	uint64		pos;
-	uint64		segno;
-	int			fd;
-	int			slot;
-
-	if (len > segsize)
-	{
-		ereport(elevel,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("deferred entries of %zu bytes do not fit in a WAL segment", len),
-				 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
-		return 0;
-	}
+	Size		done = 0;
 
 	LWLockAcquire(q->wal_lock, LW_EXCLUSIVE);
 	pos = q->wal_insert_pos;
-	if (pos % segsize + len > segsize)
-		pos += segsize - pos % segsize;
-	segno = pos / segsize;
-
-	fd = wal_open_segment(segno, elevel);
-	if (fd >= 0)
+	while (done < len)
 	{
+		uint64		segno;
+		Size		chunk;
+		int			fd;
+		int			slot;
 		ssize_t		written;
 
+		chunk = records_fitting(data + done, len - done, segsize - pos % segsize);
+		if (chunk == 0)
+		{
+			/* not even the next record fits here: go to the next segment */
+			if (pos % segsize != 0)
+			{
+				pos += segsize - pos % segsize;
+				continue;
+			}
+			LWLockRelease(q->wal_lock);
+			ereport(elevel,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("deferred entry too large for a WAL segment"),
+					 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
+			return 0;
+		}
+
+		segno = pos / segsize;
+		fd = wal_open_segment(segno, elevel);
+		if (fd < 0)
+		{
+			LWLockRelease(q->wal_lock);
+			return 0;
+		}
 		pgstat_report_wait_start(PG_WAIT_EXTENSION);
 		errno = 0;
-		written = pg_pwrite(fd, data, len, (off_t) (pos % segsize));
+		written = pg_pwrite(fd, data + done, chunk, (off_t) (pos % segsize));
 		pgstat_report_wait_end();
-		if (written != (ssize_t) len)
+		if (written != (ssize_t) chunk)
 		{
-			/* the insert position stays: the next write goes over this one */
+			/*
+			 * The insert position stays where it was: the next write goes
+			 * over this one.  Records already written for this transaction
+			 * in an earlier segment are abandoned: the transaction aborts,
+			 * and its abort marker or xid keeps them from being applied.
+			 */
 			if (errno == 0)
 				errno = ENOSPC;
+			LWLockRelease(q->wal_lock);
 			ereport(elevel,
 					(errcode_for_file_access(),
 					 errmsg("could not write to athena_deferred WAL segment %016llX: %m",
 							(unsigned long long) segno)));
-			fd = -1;
+			return 0;
 		}
-	}
-	if (fd < 0)
-	{
-		LWLockRelease(q->wal_lock);
-		return 0;
-	}
 
-	slot = segno % WAL_SEGMENT_SLOTS;
-	if (q->seg_segno[slot] != segno)
-	{
-		q->seg_segno[slot] = segno;
-		q->seg_max_qseq[slot] = 0;
+		slot = segno % WAL_SEGMENT_SLOTS;
+		if (q->seg_segno[slot] != segno)
+		{
+			q->seg_segno[slot] = segno;
+			q->seg_max_qseq[slot] = 0;
+		}
+		q->seg_max_qseq[slot] = Max(q->seg_max_qseq[slot], max_qseq);
+		pos += chunk;
+		done += chunk;
+		q->wal_insert_pos = pos;
+		q->wal_bytes += chunk;
 	}
-	q->seg_max_qseq[slot] = Max(q->seg_max_qseq[slot], max_qseq);
-	q->wal_insert_pos = pos + len;
-	q->wal_bytes += len;
 	LWLockRelease(q->wal_lock);
 
-	return pos + len;
+	return pos;
 }
 
 /* Frame one JSON record and append it to buf */

@@ -107,7 +107,10 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		if (!ready)
 			ready = recovery_run();
 		if (ready)
+		{
 			handled = flush_run(FLUSH_MAX_ENTRIES);
+			wal_remove_settled(deferred_shared->settled_qseq);
+		}
 		if (wal_sync_due_in() == 0)
 			wal_flush_written();
 		wal_prepare_segments();
