@@ -230,6 +230,8 @@ fi
 # ---------------------------------------------------------------- TAP
 # Same environment as the PGXS prove_installcheck macro: TESTDIR (logs go to
 # $TESTDIR/tmp_check/log), PG bin dir first in PATH, PGPORT, PG_REGRESS.
+# PG_TEST_TIMEOUT_DEFAULT (poll timeouts) is 90 s rather than 180 s, so a
+# stuck test fails within the time budget and lets the others run.
 # prove runs once per file so that each file gets its own verdict.
 TAP_FILES=()
 for f in t/*.pl; do
@@ -250,6 +252,7 @@ else
     for f in "${TAP_FILES[@]}"; do
         run_logged "$WORK/tap.log" \
             env TESTDIR="$SRC" PGPORT=65432 \
+            PG_TEST_TIMEOUT_DEFAULT="${PG_TEST_TIMEOUT_DEFAULT:-90}" \
             PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
             prove -I "$PGXS_DIR/src/test/perl/" -I . -I t "$f"
         if [ "$RUN_RC" -eq 0 ]; then

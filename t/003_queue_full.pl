@@ -28,6 +28,8 @@ my $locker = $node->background_psql('postgres');
 $locker->query_safe('BEGIN');
 $locker->query_safe('LOCK TABLE t IN SHARE MODE');
 $node->safe_psql('postgres', q{SELECT deferred_insert('t', '{"id": -1}')});
+# wake the worker (this flush times out: the worker is stuck on the lock)
+$node->psql('postgres', 'SELECT deferred_flush(100)');
 $node->poll_query_until('postgres',
 	q{SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'athena_deferred' AND wait_event_type = 'Lock'})
   or die 'worker never blocked';

@@ -1,0 +1,124 @@
+# Damaged WAL: a torn tail is ignored with a LOG line and everything before
+# it recovered; a flipped byte in the middle is reported loudly and the
+# records around it recovered; empty segments and a missing WAL directory
+# are harmless.  Nothing is skipped without a message and a counter.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use File::Path qw(rmtree);
+
+my $node = PostgreSQL::Test::Cluster->new('damage');
+$node->init;
+$node->append_conf('postgresql.conf', q{
+shared_preload_libraries = 'athena_deferred'
+athena_deferred.batch_window_ms = 0
+athena_deferred.batch_max_size = 0
+athena_deferred.wal_segment_size = '1MB'
+});
+$node->start;
+$node->safe_psql('postgres', q{
+CREATE EXTENSION athena_deferred;
+CREATE TABLE t (id int, tag text);
+});
+my $waldir = $node->data_dir . '/pg_athena_deferred';
+
+sub queue
+{
+	my ($tag, $n) = @_;
+	$node->safe_psql('postgres', 'SELECT deferred_flush()');
+	$node->safe_psql('postgres',
+		"SELECT count(deferred_insert('t', jsonb_build_object('id', g, 'tag', '$tag'))) FROM generate_series(1, $n) g");
+}
+
+# the segment file holding data, and the offset just past its last record
+sub last_data
+{
+	for my $file (reverse sort glob("$waldir/????????????????"))
+	{
+		my $data = slurp_file($file);
+		my $end = length($data);
+		$end -= 8 while $end >= 8 && substr($data, $end - 8, 8) eq "\0" x 8;
+		return ($file, $end, $data) if $end > 0;
+	}
+	die 'no WAL data found';
+}
+
+sub write_at
+{
+	my ($file, $offset, $bytes) = @_;
+	open(my $fh, '+<', $file) or die "open $file: $!";
+	binmode $fh;
+	seek($fh, $offset, 0);
+	print $fh $bytes;
+	close $fh;
+}
+
+sub count_tag
+{
+	my ($tag) = @_;
+	return $node->safe_psql('postgres', "SELECT count(*) || '|' || count(DISTINCT id) FROM t WHERE tag = '$tag'");
+}
+
+# --- torn tail: half a record after the last one -----------------------------
+queue('torn', 100);
+$node->stop('immediate');
+my ($file, $end, $data) = last_data();
+# a copy of the first record's header and a few payload bytes: cut short
+write_at($file, $end, substr($data, 0, 16) . 'xxxx');
+my $log_offset = -s $node->logfile;
+$node->start;
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(count_tag('torn'), '100|100', 'torn tail: every complete record recovered, once');
+is($node->safe_psql('postgres', 'SELECT torn_records, corrupt_records FROM deferred_stats()'), '1|0',
+	'torn tail counted');
+ok($node->log_contains(qr/LOG:  athena_deferred: torn record at the end of WAL segment/, $log_offset),
+	'torn tail reported with a LOG line');
+
+# --- a flipped byte in the middle ---------------------------------------------
+queue('flipped', 100);
+$node->stop('immediate');
+($file, $end, $data) = last_data();
+# flip a byte in the payload of the 50th record of this batch
+my $offset = 0;
+for (1 .. 49)
+{
+	my $len = unpack('V', substr($data, $offset + 4, 4));
+	$offset += (16 + $len + 7) & ~7;
+}
+my $target = $offset + 20;
+write_at($file, $target, chr(ord(substr($data, $target, 1)) ^ 0x55));
+$log_offset = -s $node->logfile;
+$node->start;
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(count_tag('flipped'), '99|99', 'flipped byte: the damaged record lost, the 99 around it recovered once');
+is($node->safe_psql('postgres', 'SELECT corrupt_records FROM deferred_stats()'), '1', 'corruption counted');
+ok($node->log_contains(qr/WARNING:  athena_deferred: corrupt data in WAL segment .* skipped/, $log_offset),
+	'corruption reported with a WARNING');
+
+# --- an empty segment in the directory ----------------------------------------
+queue('empty', 50);
+$node->stop('immediate');
+open(my $fh, '>', "$waldir/00000000000000FF") or die;
+print $fh "\0" x (1024 * 1024);
+close $fh;
+$node->start;
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(count_tag('empty'), '50|50', 'an empty segment is harmless');
+is($node->safe_psql('postgres', 'SELECT torn_records + corrupt_records FROM deferred_stats()'), '0',
+	'and not reported as damage');
+
+# --- the WAL directory missing ------------------------------------------------
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+$node->stop;
+rmtree($waldir);
+$node->start;
+queue('nodir', 10);
+$node->restart;
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(count_tag('nodir'), '10|10', 'a missing WAL directory is recreated and used');
+
+is($node->safe_psql('postgres', 'SELECT count(*) FROM deferred_dead_letters'), '0', 'nothing dead-lettered');
+$node->stop;
+done_testing();
