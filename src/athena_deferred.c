@@ -53,6 +53,7 @@ char	   *deferred_wal_dir = NULL;
 int			deferred_wal_sync = WAL_SYNC_ALWAYS;
 int			deferred_wal_segment_size_kb = 16 * 1024;
 char	   *deferred_fault_point = NULL;
+int			deferred_invalidation_ring_size = 1024;
 
 static const struct config_enum_entry wal_sync_options[] = {
 	{"always", WAL_SYNC_ALWAYS, false},
@@ -75,6 +76,7 @@ deferred_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(queue_shmem_size());
+	RequestAddinShmemSpace(notify_shmem_size());
 	RequestNamedLWLockTranche(ATHENA_EXTENSION_NAME, 3);
 }
 
@@ -98,6 +100,7 @@ deferred_shmem_startup(void)
 		deferred_shared->wal_lock = &locks[1].lock;
 		deferred_shared->wal_flush_lock = &locks[2].lock;
 	}
+	notify_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -181,6 +184,12 @@ deferred_define_settings(void)
 							NULL,
 							&deferred_wal_segment_size_kb, 16 * 1024, 64, 1024 * 1024,
 							PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.invalidation_ring_size",
+							"Table invalidations kept for deferred_invalidations().",
+							NULL,
+							&deferred_invalidation_ring_size, 1024, 16, 1024 * 1024,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("athena_deferred.fault_point",
 							   "Testing only: the named point where the worker or a backend kills itself.",

@@ -67,8 +67,37 @@ typedef enum DeferredState
 	ENTRY_RESERVED = 1,			/* positioned at pre-commit, not committed */
 	ENTRY_PUBLISHED = 2,		/* committed, waiting for the worker */
 	ENTRY_CANCELLED = 3,		/* its transaction aborted after pre-commit */
-	ENTRY_DONE = 4				/* applied or dead-lettered */
+	ENTRY_DONE = 4,				/* applied */
+	ENTRY_DEAD = 5				/* moved to deferred_dead_letters */
 } DeferredState;
+
+/* What deferred_wait() can learn about an entry id */
+typedef enum EntryOutcome
+{
+	OUTCOME_UNKNOWN = 0,
+	OUTCOME_PENDING,			/* in the queue, not settled */
+	OUTCOME_APPLIED,
+	OUTCOME_DEAD_LETTER,
+	OUTCOME_ROLLED_BACK
+} EntryOutcome;
+
+/* Recent outcomes remembered for deferred_wait(), and failing entries' errors */
+#define OUTCOME_SLOTS		8192
+#define ERROR_SLOTS			64
+#define ERROR_MESSAGE_LEN	256
+#define FLUSH_HISTOGRAM		16	/* bucket k counts flushes under 2^k ms */
+
+typedef struct OutcomeSlot
+{
+	int64		id;
+	uint8		outcome;		/* EntryOutcome */
+} OutcomeSlot;
+
+typedef struct ErrorSlot
+{
+	uint64		qseq;
+	char		message[ERROR_MESSAGE_LEN];
+} ErrorSlot;
 
 /*
  * Header of one entry, as it lies in the ring and in a backend's staging
@@ -133,6 +162,14 @@ typedef struct DeferredShared
 	int64		dead_lettered;
 	int64		flushes;
 	TimestampTz last_flush_at;
+	int64		last_flush_us;	/* duration of the latest flush */
+	int64		last_flush_entries;
+	int64		flush_histogram[FLUSH_HISTOGRAM];
+
+	/* recent outcomes by entry id, and the last error of failing entries */
+	uint64		outcomes_written;
+	OutcomeSlot outcomes[OUTCOME_SLOTS];
+	ErrorSlot	errors[ERROR_SLOTS];
 
 	uint64		flush_requested_qseq;	/* deferred_flush() wants this settled */
 	Latch	   *worker_latch;	/* NULL while no worker runs */
@@ -181,6 +218,7 @@ extern char *deferred_wal_dir;
 extern int	deferred_wal_sync;
 extern int	deferred_wal_segment_size_kb;
 extern char *deferred_fault_point;
+extern int	deferred_invalidation_ring_size;
 
 /* athena_deferred.c */
 extern DeferredShared *deferred_shared;
@@ -198,7 +236,11 @@ extern int	queue_collect(DeferredEntry ***entries, uint64 **positions,
 						  int max_entries);
 extern void queue_settle(uint64 *positions, DeferredEntry **entries,
 						 int nentries, int64 applied, int64 failed,
-						 int64 dead);
+						 int64 dead, int64 duration_us);
+extern void queue_note_error(uint64 qseq, const char *message);
+extern void queue_note_rolled_back(const int64 *ids, int nids);
+extern EntryOutcome queue_outcome(int64 id, bool *too_old);
+extern TimestampTz queue_oldest_pending(void);
 extern void queue_wake_worker(void);
 extern void queue_restore(DeferredEntry **entries, int nentries,
 						  uint64 next_qseq);
@@ -234,10 +276,28 @@ extern int	flush_run(int max_entries);
 
 /* notify.c */
 typedef struct NotifyTally NotifyTally;
+/* One table touched by one flush, as deferred_invalidations() lists it */
+typedef struct InvalidationSlot
+{
+	int64		flush;
+	TimestampTz flushed_at;
+	NameData	schema;
+	NameData	table;
+} InvalidationSlot;
+
+extern Size notify_shmem_size(void);
+extern int	notify_invalidations_since(int64 since, InvalidationSlot *out,
+									   int64 *oldest, int64 *last);
+extern void notify_shmem_init(void);
+extern int64 notify_count(void);
+extern int64 notify_latest_flush(void);
 extern NotifyTally *notify_tally_create(void);
 extern void notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op,
 							 int64 rows);
 extern void notify_tally_send(NotifyTally *tally);
+
+/* enqueue.c */
+extern bool enqueue_staged(int64 id);
 
 /* worker.c */
 extern void deferred_register_worker(void);
@@ -255,6 +315,7 @@ typedef struct KeyList
 extern void entry_begin(StringInfo buf);
 extern void entry_add_part(StringInfo buf, DeferredPartKind kind,
 						   const KeyList *keys, const char *text, int textlen);
+extern char *entry_payload_json(const DeferredEntry *entry);
 
 /* athena_deferred.c: helpers shared by enqueue.c and flush.c */
 extern const char *deferred_op_name(DeferredOp op);

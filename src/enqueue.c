@@ -50,7 +50,6 @@ PG_FUNCTION_INFO_V1(deferred_insert);
 PG_FUNCTION_INFO_V1(deferred_update);
 PG_FUNCTION_INFO_V1(deferred_delete);
 PG_FUNCTION_INFO_V1(deferred_flush);
-PG_FUNCTION_INFO_V1(deferred_stats);
 
 void		enqueue_init(void);
 
@@ -524,41 +523,6 @@ deferred_flush(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(applied_after - applied_before);
 }
 
-/* deferred_stats(): the queue's counters, one row */
-Datum
-deferred_stats(PG_FUNCTION_ARGS)
-{
-	DeferredShared *q = deferred_shared;
-	TupleDesc	tupdesc;
-	Datum		values[14];
-	bool		nulls[14] = {0};
-
-	if (q == NULL)
-		check_call_context("deferred_stats()");
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-
-	LWLockAcquire(q->lock, LW_SHARED);
-	values[0] = Int64GetDatum(q->enqueued);
-	values[1] = Int64GetDatum(q->applied);
-	values[2] = Int64GetDatum(q->failed_attempts);
-	values[3] = Int64GetDatum(q->dead_lettered);
-	values[4] = Int64GetDatum(q->pending);
-	values[5] = Int64GetDatum((int64) (q->reserve_pos - q->head_pos));
-	values[6] = Int64GetDatum((int64) q->capacity);
-	values[7] = Int64GetDatum(q->flushes);
-	values[8] = TimestampTzGetDatum(q->last_flush_at);
-	nulls[8] = (q->last_flush_at == 0);
-	values[9] = Int64GetDatum(q->recovered_entries);
-	values[10] = Int64GetDatum(q->torn_records);
-	values[11] = Int64GetDatum(q->corrupt_records);
-	values[12] = Int64GetDatum(q->wal_bytes);
-	values[13] = Int64GetDatum(q->wal_segments);
-	LWLockRelease(q->lock);
-
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
-}
-
 /* Forget the staged entries; their memory goes with the transaction */
 static void
 staged_reset(void)
@@ -568,6 +532,34 @@ staged_reset(void)
 	staged_positions = NULL;
 	staged_npositions = 0;
 	staged_logged = false;
+}
+
+/* Is id among the entries the current transaction has staged? */
+bool
+enqueue_staged(int64 id)
+{
+	ListCell   *lc;
+
+	foreach(lc, staged)
+	{
+		if (((StagedEntry *) lfirst(lc))->entry->id == id)
+			return true;
+	}
+	return false;
+}
+
+/* Tell deferred_wait() that these staged entries will never be applied */
+static void
+note_rolled_back(List *entries)
+{
+	int64	   *ids = palloc(sizeof(int64) * Max(list_length(entries), 1));
+	int			n = 0;
+	ListCell   *lc;
+
+	foreach(lc, entries)
+		ids[n++] = ((StagedEntry *) lfirst(lc))->entry->id;
+	queue_note_rolled_back(ids, n);
+	pfree(ids);
 }
 
 static Size
@@ -634,6 +626,8 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 			break;
 
 		case XACT_EVENT_ABORT:
+			if (staged != NIL)
+				note_rolled_back(staged);
 			if (staged_logged)
 				wal_append_abort(staged_entries, staged_npositions);
 			if (staged_npositions > 0)
@@ -664,6 +658,8 @@ enqueue_subxact_callback(SubXactEvent event,
 
 	if (event == SUBXACT_EVENT_ABORT_SUB)
 	{
+		List	   *discarded = NIL;
+
 		foreach(lc, staged)
 		{
 			StagedEntry *se = lfirst(lc);
@@ -671,11 +667,15 @@ enqueue_subxact_callback(SubXactEvent event,
 			if (se->nestlevel >= level)
 			{
 				dropped += se->entry->size;
+				discarded = lappend(discarded, se);
 				staged = foreach_delete_current(staged, lc);
 			}
 		}
 		if (dropped > 0)
+		{
 			queue_unaccount(dropped);
+			note_rolled_back(discarded);
+		}
 	}
 	else if (event == SUBXACT_EVENT_COMMIT_SUB)
 	{

@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * entry.c
- *		Building an entry in its queue format (see DeferredEntry): used by
- *		the calls, which serialize what they validated, and by recovery,
- *		which rebuilds entries from WAL records.
+ *		The entry format (see DeferredEntry): building one, used by the calls,
+ *		which serialize what they validated, and by recovery, which rebuilds
+ *		entries from WAL records; and turning one back into the payload a
+ *		user would pass, for dead letters and deferred_pending().
  *
  *-------------------------------------------------------------------------
  */
@@ -52,4 +53,39 @@ entry_add_part(StringInfo buf, DeferredPartKind kind, const KeyList *keys,
 
 	appendBinaryStringInfo(buf, text, textlen);
 	append_padding(buf);
+}
+
+/* The payload as a user would pass it: {"rows": [...]} or {"match": .., "changes": ..} */
+char *
+entry_payload_json(const DeferredEntry *entry)
+{
+	const DeferredPart *part = entry_first_part(entry);
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	if (entry->op == DEFERRED_INSERT)
+	{
+		appendStringInfoString(&buf, "{\"rows\": [");
+		for (int i = 0; i < entry->nparts; i++, part = part_next(part))
+		{
+			/* strip each run's brackets and join the runs */
+			if (i > 0)
+				appendStringInfoString(&buf, ", ");
+			appendBinaryStringInfo(&buf, part_text(part) + 1, part->textlen - 2);
+		}
+		appendStringInfoString(&buf, "]}");
+	}
+	else
+	{
+		appendStringInfoString(&buf, "{\"match\": ");
+		appendBinaryStringInfo(&buf, part_text(part), part->textlen);
+		if (entry->op == DEFERRED_UPDATE)
+		{
+			part = part_next(part);
+			appendStringInfoString(&buf, ", \"changes\": ");
+			appendBinaryStringInfo(&buf, part_text(part), part->textlen);
+		}
+		appendStringInfoChar(&buf, '}');
+	}
+	return buf.data;
 }

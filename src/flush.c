@@ -30,6 +30,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/lmgr.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -189,41 +190,6 @@ target_name_locked(Oid relid)
 	return quote_qualified_identifier(nspname, relname);
 }
 
-/* The payload as a user would pass it: {"rows": [...]} or {"match": .., "changes": ..} */
-static char *
-entry_payload_json(const DeferredEntry *entry)
-{
-	const DeferredPart *part = entry_first_part(entry);
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	if (entry->op == DEFERRED_INSERT)
-	{
-		appendStringInfoString(&buf, "{\"rows\": [");
-		for (int i = 0; i < entry->nparts; i++, part = part_next(part))
-		{
-			/* strip each run's brackets and join the runs */
-			if (i > 0)
-				appendStringInfoString(&buf, ", ");
-			appendBinaryStringInfo(&buf, part_text(part) + 1, part->textlen - 2);
-		}
-		appendStringInfoString(&buf, "]}");
-	}
-	else
-	{
-		appendStringInfoString(&buf, "{\"match\": ");
-		appendBinaryStringInfo(&buf, part_text(part), part->textlen);
-		if (entry->op == DEFERRED_UPDATE)
-		{
-			part = part_next(part);
-			appendStringInfoString(&buf, ", \"changes\": ");
-			appendBinaryStringInfo(&buf, part_text(part), part->textlen);
-		}
-		appendStringInfoChar(&buf, '}');
-	}
-	return buf.data;
-}
-
 /* Move an entry that ran out of attempts into deferred_dead_letters */
 static void
 dead_letter(const char *schema, const DeferredEntry *entry, ErrorData *edata)
@@ -380,11 +346,13 @@ flush_run(int max_entries)
 				failed = 0,
 				dead = 0;
 	MemoryContext oldcxt;
+	TimestampTz started;
 
 	if (flush_context == NULL)
 		flush_context = AllocSetContextCreate(TopMemoryContext, "athena_deferred flush",
 											  ALLOCSET_DEFAULT_SIZES);
 
+	started = GetCurrentTimestamp();
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
@@ -395,13 +363,27 @@ flush_run(int max_entries)
 	n = schema ? queue_collect(&entries, &positions, max_entries) : 0;
 	if (n > 0)
 	{
-		pgstat_report_activity(STATE_RUNNING, psprintf("flushing %d entries", n));
+		Oid			shown_relid = InvalidOid;
+
 		tally = notify_tally_create();
 
 		for (int i = 0; i < n; i++)
 		{
 			DeferredEntry *e = entries[i];
-			ErrorData  *edata = apply_in_subxact(e, tally);
+			ErrorData  *edata;
+
+			/* pg_stat_activity says which table the flush is at */
+			if (e->relid != shown_relid)
+			{
+				char	   *relname = get_rel_name(e->relid);
+
+				pgstat_report_activity(STATE_RUNNING,
+									   psprintf("flushing %d entries into %s", n,
+												relname ? quote_qualified_identifier(get_namespace_name(get_rel_namespace(e->relid)), relname)
+												: "a dropped table"));
+				shown_relid = e->relid;
+			}
+			edata = apply_in_subxact(e, tally);
 
 			if (edata == NULL)
 			{
@@ -411,10 +393,11 @@ flush_run(int max_entries)
 			}
 			e->attempts++;
 			failed++;
+			queue_note_error(e->qseq, edata->message);
 			if (e->attempts >= (uint32) deferred_max_flush_attempts)
 			{
 				dead_letter(schema, e, edata);
-				e->state = ENTRY_DONE;
+				e->state = ENTRY_DEAD;
 				dead++;
 			}
 			else
@@ -438,8 +421,13 @@ flush_run(int max_entries)
 
 	if (n > 0)
 	{
+		int64		duration = GetCurrentTimestamp() - started;
+
 		deferred_fault("after_flush_commit");
-		queue_settle(positions, entries, n, applied, failed, dead);
+		queue_settle(positions, entries, n, applied, failed, dead, duration);
+		ereport(DEBUG1,
+				(errmsg("athena_deferred: flushed %d entries in %.3f ms: " INT64_FORMAT " applied, " INT64_FORMAT " failed, " INT64_FORMAT " dead-lettered",
+						n, duration / 1000.0, applied, failed, dead)));
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 	pgstat_report_stat(false);
@@ -477,4 +465,118 @@ flush_read_progress(const char *schema, Progress *p)
 					  INT4OID, 4, true, TYPALIGN_INT, &elems, NULL, &n);
 	for (int i = 0; i < Min(n, p->nretry); i++)
 		p->retry_attempts[i] = DatumGetInt32(elems[i]);
+}
+
+/* Run a one-parameter statement on a dead letter as the current user */
+static bool
+dead_letter_query(const char *sql_fmt, int64 id)
+{
+	char	   *schema = flush_extension_schema();
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(id)};
+
+	if (schema == NULL)
+		elog(ERROR, "athena_deferred is not installed in this database");
+	if (SPI_execute_with_args(psprintf(sql_fmt, quote_identifier(schema)), 1, types, values,
+							  NULL, false, 0) < 0)
+		elog(ERROR, "could not read dead letter " INT64_FORMAT, id);
+	return SPI_processed == 1;
+}
+
+/*
+ * deferred_requeue(dead_letter_id bigint) RETURNS bigint: queue a dead
+ * letter again, as the role that first queued it (so the caller must have
+ * that role's privileges), with its attempts reset, and remove it from
+ * deferred_dead_letters in the same transaction.  Returns the new entry id.
+ */
+PG_FUNCTION_INFO_V1(deferred_requeue);
+Datum
+deferred_requeue(PG_FUNCTION_ARGS)
+{
+	int64		id = PG_GETARG_INT64(0);
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	char	   *op;
+	char	   *rolename;
+	Oid			roleid;
+	Oid			save_userid;
+	int			save_sec;
+	bool		isnull;
+	Datum		newid;
+	const char *call;
+
+	SPI_connect();
+	/* as the caller: reading and deleting dead letters needs their privileges */
+	if (!dead_letter_query("SELECT target, op, payload, role FROM %s.deferred_dead_letters"
+						   " WHERE id = $1 FOR UPDATE", id))
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("dead letter " INT64_FORMAT " does not exist", id)));
+	tuple = SPI_copytuple(SPI_tuptable->vals[0]);
+	desc = SPI_tuptable->tupdesc;
+	op = SPI_getvalue(tuple, desc, 2);
+	rolename = SPI_getvalue(tuple, desc, 4);
+	roleid = get_role_oid(rolename, true);
+	if (!OidIsValid(roleid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role \"%s\" that queued dead letter " INT64_FORMAT " no longer exists", rolename, id)));
+	if (!has_privs_of_role(GetUserId(), roleid))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to requeue dead letter " INT64_FORMAT, id),
+				 errdetail("Only roles with the privileges of role \"%s\", which queued it, can queue it again.",
+						   rolename)));
+
+	if (strcmp(op, "insert") == 0)
+		call = "SELECT %s.deferred_insert($1::regclass, $2->'rows')";
+	else if (strcmp(op, "update") == 0)
+		call = "SELECT %s.deferred_update($1::regclass, $2->'match', $2->'changes')";
+	else
+		call = "SELECT %s.deferred_delete($1::regclass, $2->'match')";
+
+	/* queue it as the role that queued it first: the same checks apply */
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	{
+		Oid			types[2] = {TEXTOID, JSONBOID};
+		Datum		values[2];
+
+		values[0] = SPI_getbinval(tuple, desc, 1, &isnull);
+		values[1] = SPI_getbinval(tuple, desc, 3, &isnull);
+		if (SPI_execute_with_args(psprintf(call, quote_identifier(flush_extension_schema())),
+								  2, types, values, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not requeue dead letter " INT64_FORMAT, id);
+		newid = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	}
+	SetUserIdAndSecContext(save_userid, save_sec);
+
+	dead_letter_query("DELETE FROM %s.deferred_dead_letters WHERE id = $1", id);
+	SPI_finish();
+
+	ereport(LOG,
+			(errmsg("athena_deferred: dead letter " INT64_FORMAT " requeued by %s", id,
+					GetUserNameFromId(GetUserId(), false))));
+	if (isnull)
+		PG_RETURN_NULL();		/* athena_deferred.enabled = off: applied at once */
+	PG_RETURN_DATUM(newid);
+}
+
+/* deferred_discard(dead_letter_id bigint): delete a dead letter, on purpose */
+PG_FUNCTION_INFO_V1(deferred_discard);
+Datum
+deferred_discard(PG_FUNCTION_ARGS)
+{
+	int64		id = PG_GETARG_INT64(0);
+
+	SPI_connect();
+	if (!dead_letter_query("DELETE FROM %s.deferred_dead_letters WHERE id = $1", id))
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("dead letter " INT64_FORMAT " does not exist", id)));
+	SPI_finish();
+	ereport(LOG,
+			(errmsg("athena_deferred: dead letter " INT64_FORMAT " discarded by %s", id,
+					GetUserNameFromId(GetUserId(), false))));
+	PG_RETURN_VOID();
 }

@@ -4,12 +4,20 @@
  *		The cache-invalidation NOTIFY: one per table touched by a flush.
  *
  * A tally collects, during a flush (or an immediate call), what was done to
- * each table; notify_tally_send() queues one NOTIFY per table in the
+ * each table; notify_tally_send() gives the flush its number, lists its
+ * tables in the invalidation ring, and queues one NOTIFY per table in the
  * current transaction, so listeners hear it only once the rows are
  * visible.  The payload is a JSON object written with jansson:
  *
- *	{"schema": "public", "table": "items", "entries": 3,
- *	 "inserted": 5, "updated": 1, "deleted": 0}
+ *	{"flush": 1764080000000123, "schema": "public", "table": "items",
+ *	 "entries": 3, "inserted": 5, "updated": 1, "deleted": 0}
+ *
+ * The invalidation ring (deferred_invalidations()) closes LISTEN/NOTIFY's
+ * gap: a listener that was disconnected asks which tables the flushes after
+ * the last one it heard touched.  Flush numbers start above the time the
+ * server started, in microseconds, so they grow across restarts, and a
+ * listener's number from before a restart is recognizably too old.  The
+ * ring is guarded by DeferredShared->lock.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,7 +27,9 @@
 
 #include "commands/async.h"
 #include "nodes/pg_list.h"
+#include "storage/shmem.h"
 #include "utils/lsyscache.h"
+#include "utils/timestamp.h"
 
 #include "athena_deferred.h"
 
@@ -34,6 +44,67 @@ struct NotifyTally
 {
 	List	   *tables;			/* of TableTally, in order of first touch */
 };
+
+typedef struct NotifyShared
+{
+	int64		last_flush;		/* number of the latest flush */
+	int64		forgotten_upto; /* flushes up to this one are not listed */
+	uint64		written;		/* slots ever written */
+	int64		notifications;	/* NOTIFYs queued */
+	InvalidationSlot slots[FLEXIBLE_ARRAY_MEMBER];
+} NotifyShared;
+
+static NotifyShared *notify_shared = NULL;
+
+/* Shared memory for the invalidation ring */
+Size
+notify_shmem_size(void)
+{
+	return add_size(offsetof(NotifyShared, slots),
+					mul_size(deferred_invalidation_ring_size, sizeof(InvalidationSlot)));
+}
+
+/* Attach to (or create) the invalidation ring; caller holds AddinShmemInitLock */
+void
+notify_shmem_init(void)
+{
+	bool		found;
+
+	notify_shared = ShmemInitStruct("athena_deferred invalidations", notify_shmem_size(), &found);
+	if (!found)
+	{
+		memset(notify_shared, 0, offsetof(NotifyShared, slots));
+		notify_shared->last_flush = GetCurrentTimestamp();
+		notify_shared->forgotten_upto = notify_shared->last_flush;
+	}
+}
+
+/* Give the flush its number and list its tables; caller holds the lock */
+static int64
+record_flush_locked(NotifyTally *tally, char **schemas, char **tables)
+{
+	NotifyShared *ns = notify_shared;
+	int64		flush = ++ns->last_flush;
+	TimestampTz now = GetCurrentTimestamp();
+	int			i;
+
+	for (i = 0; i < list_length(tally->tables); i++)
+	{
+		InvalidationSlot *slot = &ns->slots[ns->written % deferred_invalidation_ring_size];
+
+		if (tables[i] != NULL)
+		{
+			if (ns->written >= (uint64) deferred_invalidation_ring_size)
+				ns->forgotten_upto = Max(ns->forgotten_upto, slot->flush);
+			slot->flush = flush;
+			slot->flushed_at = now;
+			strlcpy(NameStr(slot->schema), schemas[i], NAMEDATALEN);
+			strlcpy(NameStr(slot->table), tables[i], NAMEDATALEN);
+			ns->written++;
+		}
+	}
+	return flush;
+}
 
 /* A new, empty tally in the current memory context */
 NotifyTally *
@@ -67,28 +138,72 @@ notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op, int64 rows)
 	t->rows[op] += rows;
 }
 
-/* Queue one NOTIFY per table in the tally, unless invalidation is skipped */
+/* Queue one NOTIFY and free its payload (jansson's malloc) */
+static void
+send_payload(char *payload)
+{
+	PG_TRY();
+	{
+		Async_Notify(deferred_notify_channel, payload);
+	}
+	PG_FINALLY();
+	{
+		free(payload);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * Number the flush, list its tables in the invalidation ring, and queue one
+ * NOTIFY per table (unless invalidation is skipped).
+ */
 void
 notify_tally_send(NotifyTally *tally)
 {
+	int			n = list_length(tally->tables);
+	char	  **schemas;
+	char	  **tables;
+	int64		flush;
+	int			i = 0;
 	ListCell   *lc;
 
-	if (deferred_skip_cache_invalidation)
+	if (deferred_skip_cache_invalidation || n == 0)
 		return;
 
+	/* names of tables dropped within this transaction stay NULL */
+	schemas = palloc0(sizeof(char *) * n);
+	tables = palloc0(sizeof(char *) * n);
+	foreach(lc, tally->tables)
+	{
+		Oid			relid = ((TableTally *) lfirst(lc))->relid;
+
+		tables[i] = get_rel_name(relid);
+		if (tables[i] != NULL)
+			schemas[i] = get_namespace_name(get_rel_namespace(relid));
+		i++;
+	}
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	flush = record_flush_locked(tally, schemas, tables);
+	notify_shared->notifications += n;
+	LWLockRelease(deferred_shared->lock);
+
+	i = 0;
 	foreach(lc, tally->tables)
 	{
 		TableTally *t = lfirst(lc);
-		char	   *relname = get_rel_name(t->relid);
 		json_t	   *obj;
 		char	   *payload;
 
-		if (relname == NULL)
-			continue;			/* dropped within this transaction */
-
-		obj = json_pack("{s:s, s:s, s:I, s:I, s:I, s:I}",
-						"schema", get_namespace_name(get_rel_namespace(t->relid)),
-						"table", relname,
+		if (tables[i] == NULL)
+		{
+			i++;
+			continue;
+		}
+		obj = json_pack("{s:I, s:s, s:s, s:I, s:I, s:I, s:I}",
+						"flush", (json_int_t) flush,
+						"schema", schemas[i],
+						"table", tables[i],
 						"entries", (json_int_t) t->entries,
 						"inserted", (json_int_t) t->rows[DEFERRED_INSERT],
 						"updated", (json_int_t) t->rows[DEFERRED_UPDATE],
@@ -100,19 +215,69 @@ notify_tally_send(NotifyTally *tally)
 		if (payload == NULL)
 		{
 			ereport(WARNING,
-					(errmsg("athena_deferred: could not build the notification for table \"%s\"", relname),
+					(errmsg("athena_deferred: could not build the notification for table \"%s\"", tables[i]),
 					 errdetail("The table name is not valid UTF-8.")));
+			i++;
 			continue;
 		}
 
-		PG_TRY();
-		{
-			Async_Notify(deferred_notify_channel, payload);
-		}
-		PG_FINALLY();
-		{
-			free(payload);
-		}
-		PG_END_TRY();
+		send_payload(payload);
+		i++;
 	}
+}
+
+/* Number of the latest flush: where a new listener starts */
+int64
+notify_latest_flush(void)
+{
+	int64		n;
+
+	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	n = notify_shared->last_flush;
+	LWLockRelease(deferred_shared->lock);
+	return n;
+}
+
+/* Notifications queued so far, for deferred_stats() */
+int64
+notify_count(void)
+{
+	int64		n;
+
+	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	n = notify_shared->notifications;
+	LWLockRelease(deferred_shared->lock);
+	return n;
+}
+
+/*
+ * Copy the listed invalidations of flushes after since into out (room for
+ * invalidation_ring_size slots); returns how many, or -1 if some flush
+ * after since is no longer listed.  *oldest and *last get the range known.
+ */
+int
+notify_invalidations_since(int64 since, InvalidationSlot *out, int64 *oldest, int64 *last)
+{
+	NotifyShared *ns = notify_shared;
+	int			count = 0;
+
+	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	*oldest = ns->forgotten_upto;
+	*last = ns->last_flush;
+	if (since < ns->forgotten_upto || since > ns->last_flush)
+		count = -1;
+	else
+	{
+		uint64		size = deferred_invalidation_ring_size;
+
+		for (uint64 i = ns->written > size ? ns->written - size : 0; i < ns->written; i++)
+		{
+			InvalidationSlot *slot = &ns->slots[i % size];
+
+			if (slot->flush > since)
+				out[count++] = *slot;
+		}
+	}
+	LWLockRelease(deferred_shared->lock);
+	return count;
 }

@@ -197,7 +197,7 @@ queue_advance_head_locked(void)
 	while (q->head_pos < q->reserve_pos)
 	{
 		ring_read(q->head_pos, &hdr, sizeof(hdr));
-		if (hdr.state != ENTRY_DONE && hdr.state != ENTRY_CANCELLED)
+		if (hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED)
 		{
 			q->settled_qseq = hdr.qseq;
 			return;
@@ -287,25 +287,39 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 	return n;
 }
 
+/* Remember an entry's outcome for deferred_wait(); caller holds the lock */
+static void
+note_outcome_locked(int64 id, EntryOutcome outcome)
+{
+	OutcomeSlot *slot = &deferred_shared->outcomes[deferred_shared->outcomes_written++ % OUTCOME_SLOTS];
+
+	slot->id = id;
+	slot->outcome = outcome;
+}
+
 /*
- * Record the outcome of a flush: each entry is either ENTRY_DONE (applied
- * or dead-lettered) or still PUBLISHED with a new attempt count.
+ * Record the outcome of a flush: each entry is either settled (ENTRY_DONE
+ * or ENTRY_DEAD) or still PUBLISHED with a new attempt count.
  */
 void
 queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
-			 int64 applied, int64 failed, int64 dead)
+			 int64 applied, int64 failed, int64 dead, int64 duration_us)
 {
 	DeferredShared *q = deferred_shared;
+	int			bucket = 0;
 	int			i;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nentries; i++)
 	{
+		DeferredEntry *e = entries[i];
+
 		ring_write(positions[i] + offsetof(DeferredEntry, attempts),
-				   &entries[i]->attempts, sizeof(entries[i]->attempts));
-		if (entries[i]->state == ENTRY_DONE)
+				   &e->attempts, sizeof(e->attempts));
+		if (e->state == ENTRY_DONE || e->state == ENTRY_DEAD)
 		{
-			ring_set_state(positions[i], ENTRY_DONE);
+			ring_set_state(positions[i], e->state);
+			note_outcome_locked(e->id, e->state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
 			q->pending--;
 		}
 	}
@@ -316,12 +330,95 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 	{
 		q->flushes++;
 		q->last_flush_at = GetCurrentTimestamp();
+		q->last_flush_us = duration_us;
+		q->last_flush_entries = nentries;
+		while (bucket < FLUSH_HISTOGRAM - 1 && (INT64CONST(1000) << bucket) <= duration_us)
+			bucket++;
+		q->flush_histogram[bucket]++;
 	}
 	queue_advance_head_locked();
 	LWLockRelease(q->lock);
 
 	ConditionVariableBroadcast(&q->space_cv);
 	ConditionVariableBroadcast(&q->settled_cv);
+}
+
+/* Keep the last error of a failing entry, for deferred_pending() */
+void
+queue_note_error(uint64 qseq, const char *message)
+{
+	ErrorSlot  *slot = &deferred_shared->errors[qseq % ERROR_SLOTS];
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	slot->qseq = qseq;
+	strlcpy(slot->message, message ? message : "unknown error", ERROR_MESSAGE_LEN);
+	LWLockRelease(deferred_shared->lock);
+}
+
+/* Remember that these entries' transaction rolled back */
+void
+queue_note_rolled_back(const int64 *ids, int nids)
+{
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < nids; i++)
+		note_outcome_locked(ids[i], OUTCOME_ROLLED_BACK);
+	LWLockRelease(deferred_shared->lock);
+	ConditionVariableBroadcast(&deferred_shared->settled_cv);
+}
+
+/*
+ * What is known of entry id: pending in the queue, or a recent outcome.
+ * OUTCOME_UNKNOWN with *too_old set means the id is older than every
+ * outcome remembered; without it, the entry may not have committed yet.
+ */
+EntryOutcome
+queue_outcome(int64 id, bool *too_old)
+{
+	DeferredShared *q = deferred_shared;
+	EntryOutcome result = OUTCOME_UNKNOWN;
+	int64		oldest = PG_INT64_MAX;
+	DeferredEntry hdr;
+	uint64		n;
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	n = Min(q->outcomes_written, OUTCOME_SLOTS);
+	for (uint64 i = 0; i < n && result == OUTCOME_UNKNOWN; i++)
+	{
+		if (q->outcomes[i].id == id)
+			result = q->outcomes[i].outcome;
+		oldest = Min(oldest, q->outcomes[i].id);
+	}
+	for (uint64 pos = q->head_pos; pos < q->reserve_pos && result == OUTCOME_UNKNOWN; pos += hdr.size)
+	{
+		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.id == id && (hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED))
+			result = OUTCOME_PENDING;
+	}
+	*too_old = (result == OUTCOME_UNKNOWN && q->outcomes_written > OUTCOME_SLOTS && id < oldest);
+	LWLockRelease(q->lock);
+	return result;
+}
+
+/* Enqueue time of the oldest pending entry, or 0 if none */
+TimestampTz
+queue_oldest_pending(void)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry hdr;
+	TimestampTz oldest = 0;
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	for (uint64 pos = q->head_pos; pos < q->reserve_pos; pos += hdr.size)
+	{
+		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.state == ENTRY_PUBLISHED)
+		{
+			oldest = hdr.enqueued_at;
+			break;
+		}
+	}
+	LWLockRelease(q->lock);
+	return oldest;
 }
 
 /*

@@ -423,7 +423,7 @@ reconcile_queue(Progress *progress)
 		ereport(LOG,
 				(errmsg("athena_deferred: " INT64_FORMAT " entries were applied by a flush whose worker exited before releasing them",
 						done)));
-		queue_settle(positions, entries, n, done, 0, 0);
+		queue_settle(positions, entries, n, done, 0, 0, 0);
 	}
 }
 
