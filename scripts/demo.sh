@@ -99,29 +99,18 @@ CREATE TABLE items(id int PRIMARY KEY, name text, qty int DEFAULT 0);
 SQL
 
 # ---------------------------------------------------------------- listener
-heading "A second session LISTENs on channel athena_deferred"
-"$PYTHON" -u - "$DEMO_DIR" "$PORT" >"$DEMO_DIR/listener.out" 2>&1 <<'PY' &
-import signal
-import sys
-
-import psycopg
-
-signal.alarm(300)  # never outlive a stuck demo
-host, port = sys.argv[1], sys.argv[2]
-conn = psycopg.connect(host=host, port=port, user="postgres", dbname="postgres",
-                       autocommit=True)
-conn.execute("LISTEN athena_deferred")
-print("listening", flush=True)
-for n in conn.notifies():
-    print(f"  channel {n.channel}: {n.payload}", flush=True)
-PY
+heading "A cache client LISTENs on channel athena_deferred"
+timeout 300 "$PYTHON" -u "$SCRIPT_DIR/../examples/cache_listener.py" \
+    "host=$DEMO_DIR port=$PORT user=postgres dbname=postgres" >"$DEMO_DIR/listener.out" 2>&1 &
 LISTENER_PID=$!
 if ! wait_for_lines "$DEMO_DIR/listener.out" 1 || ! grep -q '^listening' "$DEMO_DIR/listener.out"; then
     echo "the listener did not start:"
     cat "$DEMO_DIR/listener.out"
     exit 1
 fi
-echo "(a python3-psycopg session: LISTEN athena_deferred; it prints every notification)"
+echo "(examples/cache_listener.py, a read-through cache on python3-psycopg: it drops a"
+echo " table's cached rows when a flush touched the table, and prints what it dropped)"
+sed -n 1p "$DEMO_DIR/listener.out"
 
 # ---------------------------------------------------------------- insert
 heading "Queue two rows with deferred_insert(): the call returns an entry id at once"
@@ -138,7 +127,7 @@ SELECT deferred_flush();
 SELECT * FROM items ORDER BY id;
 SQL
 
-heading "What the listening session received (one NOTIFY per table per flush)"
+heading "What the cache client heard (one NOTIFY per table per flush) and invalidated"
 wait_for_lines "$DEMO_DIR/listener.out" 2 || echo "  (nothing yet)"
 tail -n +2 "$DEMO_DIR/listener.out"
 SEEN=$(wc -l <"$DEMO_DIR/listener.out")
@@ -152,16 +141,22 @@ SELECT deferred_flush();
 SELECT * FROM items ORDER BY id;
 SQL
 
-heading "New notifications"
+heading "New invalidations"
 wait_for_lines "$DEMO_DIR/listener.out" $((SEEN + 1)) || echo "  (nothing yet)"
 sleep 0.3   # an update and a delete may arrive as one or two notifications
 tail -n +$((SEEN + 1)) "$DEMO_DIR/listener.out"
+
+# ---------------------------------------------------------------- catch-up
+heading "If the client was disconnected, it asks what it missed"
+demo_psql <<'SQL'
+SELECT flush, schema_name, table_name FROM deferred_invalidations((SELECT latest_flush - 2 FROM deferred_stats));
+SQL
 
 # ---------------------------------------------------------------- stats
 heading "deferred_stats(): counters of the queue and the worker"
 demo_psql <<'SQL'
 \x on
-SELECT * FROM deferred_stats();
+SELECT * FROM deferred_stats;
 SQL
 
 heading "Done: stopping the server and removing $DEMO_DIR"
