@@ -34,6 +34,8 @@ SETUP_PACKAGES=(
     gcc
     python3
     python3-psycopg
+    clang-14
+    libclang-rt-14-dev
 )
 
 # Run a command as root: directly if we are root, through sudo otherwise.

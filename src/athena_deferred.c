@@ -54,6 +54,8 @@ int			deferred_wal_sync = WAL_SYNC_ALWAYS;
 int			deferred_wal_segment_size_kb = 16 * 1024;
 char	   *deferred_fault_point = NULL;
 int			deferred_invalidation_ring_size = 1024;
+int			deferred_lock_timeout_ms = 5000;
+int			deferred_statement_timeout_ms = 60000;
 
 static const struct config_enum_entry wal_sync_options[] = {
 	{"always", WAL_SYNC_ALWAYS, false},
@@ -190,6 +192,18 @@ deferred_define_settings(void)
 							NULL,
 							&deferred_invalidation_ring_size, 1024, 16, 1024 * 1024,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.lock_timeout_ms",
+							"lock_timeout of the worker's statements: an entry waiting longer fails and is retried.",
+							NULL,
+							&deferred_lock_timeout_ms, 5000, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("athena_deferred.statement_timeout_ms",
+							"statement_timeout of the worker's statements: an entry running longer fails and is retried.",
+							NULL,
+							&deferred_statement_timeout_ms, 60000, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("athena_deferred.fault_point",
 							   "Testing only: the named point where the worker or a backend kills itself.",

@@ -219,6 +219,8 @@ extern int	deferred_wal_sync;
 extern int	deferred_wal_segment_size_kb;
 extern char *deferred_fault_point;
 extern int	deferred_invalidation_ring_size;
+extern int	deferred_lock_timeout_ms;
+extern int	deferred_statement_timeout_ms;
 
 /* athena_deferred.c */
 extern DeferredShared *deferred_shared;

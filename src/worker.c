@@ -54,6 +54,22 @@ worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 	LWLockRelease(deferred_shared->lock);
 }
 
+/*
+ * The worker's statements wait for locks and run at most this long: an
+ * entry held up by a user's lock or a slow trigger fails, is retried later,
+ * and does not hold up the entries behind it.
+ */
+static void
+worker_apply_timeouts(void)
+{
+	char		value[32];
+
+	snprintf(value, sizeof(value), "%d", deferred_lock_timeout_ms);
+	SetConfigOption("lock_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
+	snprintf(value, sizeof(value), "%d", deferred_statement_timeout_ms);
+	SetConfigOption("statement_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 /* True if deferred_flush() is waiting for entries not yet settled */
 static bool
 flush_requested(void)
@@ -83,6 +99,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 	 * entries are removed, whatever the server's default.
 	 */
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
+	worker_apply_timeouts();
 
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
 	deferred_shared->worker_latch = MyLatch;
@@ -101,6 +118,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			worker_apply_timeouts();
 		}
 
 		/* until CREATE EXTENSION has run here, there is nothing to do */
