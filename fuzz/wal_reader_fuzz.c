@@ -639,12 +639,20 @@ build(Segment *seg, Input *in)
  * real one, the reader must report every intact record where it was
  * written: as a record if its payload is a JSON object, as corrupt damage
  * otherwise.
+ *
+ * No prediction either when the headers that pass their CRC but not their
+ * payload's claim more than the segment size in all (at most
+ * ORACLE_MAX_HEADERS are looked at): a reader may give up checksumming such
+ * payloads past a budget, to stay linear in the segment size, and call the
+ * rest damage.  Real damage never claims more than the segment: a real
+ * header's payload is its own record.
  */
 static void
 check_oracle(const Segment *seg, size_t size, const Scan *s)
 {
 	size_t		ri = 0;
 	size_t		nheaders = 0;
+	size_t		wasted = 0;
 	uint32		len;
 
 	/* any foreign position with a valid record?  (pieces are contiguous) */
@@ -662,8 +670,11 @@ check_oracle(const Segment *seg, size_t size, const Scan *s)
 			if (++nheaders > ORACLE_MAX_HEADERS ||
 				oracle_record_at(seg->buf, size, off, &len))
 				return;			/* no prediction */
+			wasted += len;
 		}
 	}
+	if (wasted > size)
+		return;
 
 	for (size_t i = 0; i < seg->npieces; i++)
 	{

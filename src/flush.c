@@ -37,6 +37,7 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 
 #include "athena_deferred.h"
@@ -259,7 +260,10 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 
 		GetUserIdAndSecContext(&save_userid, &save_sec);
 		SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+		if (deferred_statement_timeout_ms > 0)
+			enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
 		flush_apply_entry(entry, relname, &rows);
+		disable_timeout(STATEMENT_TIMEOUT, false);
 		SetUserIdAndSecContext(save_userid, save_sec);
 
 		ReleaseCurrentSubTransaction();
@@ -270,6 +274,7 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 	PG_CATCH();
 	{
 		/* the subtransaction's abort restores the user id */
+		disable_timeout(STATEMENT_TIMEOUT, false);
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();

@@ -55,9 +55,10 @@ worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 }
 
 /*
- * The worker's statements wait for locks and run at most this long: an
- * entry held up by a user's lock or a slow trigger fails, is retried later,
- * and does not hold up the entries behind it.
+ * The worker's statements wait for locks at most this long: an entry held
+ * up by a user's lock fails, is retried later, and does not hold up the
+ * entries behind it.  (statement_timeout is armed per entry in flush.c:
+ * PostgreSQL arms it only for client statements.)
  */
 static void
 worker_apply_timeouts(void)
@@ -66,8 +67,6 @@ worker_apply_timeouts(void)
 
 	snprintf(value, sizeof(value), "%d", deferred_lock_timeout_ms);
 	SetConfigOption("lock_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
-	snprintf(value, sizeof(value), "%d", deferred_statement_timeout_ms);
-	SetConfigOption("statement_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 /* True if deferred_flush() is waiting for entries not yet settled */
