@@ -49,7 +49,9 @@ SELECT label, try(stmt) AS error FROM (VALUES
     ('view',                  $$SELECT deferred_insert('v_view', '{"id": 1}')$$),
     ('sequence',              $$SELECT deferred_insert('v_seq', '{"last_value": 1}')$$),
     ('system catalog',        $$SELECT deferred_insert('pg_class', '{"relname": "x"}')$$),
-    ('temporary table',       $$SELECT deferred_insert('v_temp', '{"id": 1}')$$)
+    ('temporary table',       $$SELECT deferred_insert('v_temp', '{"id": 1}')$$),
+    ('65536 runs of columns', $$SELECT deferred_insert('v', (SELECT jsonb_agg(CASE WHEN g % 2 = 0 THEN jsonb_build_object('id', g)
+                                                            ELSE jsonb_build_object('name', 'x') END) FROM generate_series(1, 65537) g))$$)
 ) AS cases(label, stmt);
 
 -- a role without the privilege gets the usual permission error

@@ -35,6 +35,7 @@
 
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
@@ -153,6 +154,7 @@ typedef struct DeferredShared
 
 	uint64		next_qseq;		/* next commit-order sequence number */
 	uint64		settled_qseq;	/* every entry below this is settled */
+	uint64		progress_upto;	/* worker only: applied_upto last recorded */
 
 	/* counters for deferred_stats() */
 	int64		pending;		/* published, not yet settled */
@@ -235,7 +237,7 @@ extern void queue_reserve(DeferredEntry **entries, uint64 *positions,
 extern void queue_publish(const uint64 *positions, int nentries);
 extern void queue_cancel(const uint64 *positions, int nentries);
 extern int	queue_collect(DeferredEntry ***entries, uint64 **positions,
-						  int max_entries);
+						  int max_entries, bool worker);
 extern void queue_settle(uint64 *positions, DeferredEntry **entries,
 						 int nentries, int64 applied, int64 failed,
 						 int64 dead, int64 duration_us);
@@ -243,6 +245,7 @@ extern void queue_note_error(uint64 qseq, const char *message);
 extern void queue_note_rolled_back(const int64 *ids, int nids);
 extern EntryOutcome queue_outcome(int64 id, bool *too_old);
 extern TimestampTz queue_oldest_pending(void);
+extern List *queue_unsettled_below(uint64 from_pos, uint64 upto);
 extern void queue_wake_worker(void);
 extern void queue_restore(DeferredEntry **entries, int nentries,
 						  uint64 next_qseq);
@@ -274,7 +277,7 @@ extern char *flush_extension_schema(void);
 extern void flush_read_progress(const char *schema, Progress *p);
 extern void flush_apply_entry(const DeferredEntry *entry, const char *relname,
 							  int64 *rows);
-extern int	flush_run(int max_entries);
+extern int	flush_run(int max_entries, int *settled);
 
 /* notify.c */
 typedef struct NotifyTally NotifyTally;
@@ -293,6 +296,8 @@ extern int	notify_invalidations_since(int64 since, InvalidationSlot *out,
 extern void notify_shmem_init(void);
 extern int64 notify_count(void);
 extern int64 notify_latest_flush(void);
+extern void notify_at_commit(void);
+extern void notify_at_abort(void);
 extern NotifyTally *notify_tally_create(void);
 extern void notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op,
 							 int64 rows);

@@ -22,6 +22,7 @@
 #include "access/relation.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/catalog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
@@ -30,6 +31,7 @@
 #include "commands/sequence.h"
 #include "executor/spi.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "parser/parse_relation.h"
 #include "pgstat.h"
@@ -89,6 +91,14 @@ check_call_context(const char *fname)
 
 	PreventCommandIfReadOnly(fname);
 	PreventCommandDuringRecovery(fname);
+
+	/* WAL records are JSON, which jansson writes only in UTF-8 */
+	if (deferred_wal_enabled && GetDatabaseEncoding() != PG_UTF8 &&
+		GetDatabaseEncoding() != PG_SQL_ASCII)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("athena_deferred needs a UTF8 database while athena_deferred.wal_enabled is on"),
+				 errdetail("This database's encoding is %s.", GetDatabaseEncodingName())));
 
 	if (!OidIsValid(worker_database_oid))
 		worker_database_oid = get_database_oid(deferred_database, true);
@@ -296,16 +306,27 @@ entry_finish(FunctionCallInfo fcinfo, StringInfo buf, Relation rel,
 
 		relation_close(rel, AccessShareLock);
 		hdr.id = next_entry_id();
+
 		queue_account(hdr.size, deferred_enqueue_timeout_ms);
 
-		oldcxt = MemoryContextSwitchTo(TopTransactionContext);
-		se = palloc(sizeof(StagedEntry));
-		se->nestlevel = GetCurrentTransactionNestLevel();
-		se->entry = palloc(hdr.size);
-		memcpy(se->entry, buf->data, hdr.size);
-		memcpy(se->entry, &hdr, sizeof(hdr));
-		staged = lappend(staged, se);
-		MemoryContextSwitchTo(oldcxt);
+		/* the space is ours until the entry is staged: give it back on failure */
+		PG_TRY();
+		{
+			oldcxt = MemoryContextSwitchTo(TopTransactionContext);
+			se = palloc(sizeof(StagedEntry));
+			se->nestlevel = GetCurrentTransactionNestLevel();
+			se->entry = palloc(hdr.size);
+			memcpy(se->entry, buf->data, hdr.size);
+			memcpy(se->entry, &hdr, sizeof(hdr));
+			staged = lappend(staged, se);
+			MemoryContextSwitchTo(oldcxt);
+		}
+		PG_CATCH();
+		{
+			queue_unaccount(hdr.size);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
 
 		PG_RETURN_INT64(hdr.id);
 	}
@@ -381,6 +402,13 @@ deferred_insert(PG_FUNCTION_ARGS)
 		read_keys(v.val.binary.data, rel, true, &keys);
 		if (nrows > 0 && !keylists_equal(&keys, &group))
 		{
+			if (nparts + 1 >= PG_UINT16_MAX)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("argument \"rows\" changes its set of columns too often"),
+						 errdetail("Rows are grouped into runs with the same columns; at most %d runs fit in one entry.",
+								   PG_UINT16_MAX - 1),
+						 errhint("Sort the rows by the columns they name, or split them into several calls.")));
 			appendStringInfoChar(&text, ']');
 			entry_add_part(&buf, PART_ROWS, &group, text.data, text.len);
 			nparts++;
@@ -602,11 +630,24 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 				queue_reserve(staged_entries, staged_positions, n);
 				staged_npositions = n;
 
-				/* logged, and durable per wal_sync, before the commit returns */
+				/*
+				 * Logged, and durable per wal_sync, before the commit
+				 * returns.  If the write fails part way, the abort writes a
+				 * marker for whatever reached the log.
+				 */
+				/*
+				 * A transaction that also wrote has an xid, and recovery asks
+				 * the commit log about it: its records must be in
+				 * PostgreSQL's WAL first, or after a crash the xid could be
+				 * handed out again and look committed.
+				 */
+				if (TransactionIdIsValid(xid) && XactLastRecEnd != 0)
+					XLogFlush(XactLastRecEnd);
+
 				deferred_fault("before_wal_write");
+				staged_logged = deferred_wal_enabled;
 				wal_end = wal_append(staged_entries, n);
-				staged_logged = (wal_end != 0);
-				if (staged_logged && deferred_wal_sync == WAL_SYNC_ALWAYS)
+				if (wal_end != 0 && deferred_wal_sync == WAL_SYNC_ALWAYS)
 					wal_flush(wal_end);
 				deferred_fault("after_wal_write");
 			}
@@ -623,18 +664,28 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 			if (staged_npositions > 0)
 				queue_publish(staged_positions, staged_npositions);
 			staged_reset();
+			notify_at_commit();
 			break;
 
 		case XACT_EVENT_ABORT:
-			if (staged != NIL)
-				note_rolled_back(staged);
-			if (staged_logged)
-				wal_append_abort(staged_entries, staged_npositions);
-			if (staged_npositions > 0)
-				queue_cancel(staged_positions, staged_npositions);
-			else if (staged != NIL)
-				queue_unaccount(staged_bytes(staged));
-			staged_reset();
+			{
+				/* forget first: if anything below fails, the next abort has nothing to redo */
+				List	   *entries = staged;
+				DeferredEntry **logged = staged_logged ? staged_entries : NULL;
+				uint64	   *positions = staged_positions;
+				int			npositions = staged_npositions;
+
+				staged_reset();
+				notify_at_abort();
+				if (entries != NIL)
+					note_rolled_back(entries);
+				if (logged != NULL)
+					wal_append_abort(logged, npositions);
+				if (npositions > 0)
+					queue_cancel(positions, npositions);
+				else if (entries != NIL)
+					queue_unaccount(staged_bytes(entries));
+			}
 			break;
 
 		default:

@@ -33,6 +33,7 @@
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -219,7 +220,7 @@ dead_letter(const char *schema, const DeferredEntry *entry, ErrorData *edata)
 	appendStringInfo(&sql,
 					 "INSERT INTO %s.deferred_dead_letters"
 					 " (id, target, op, payload, role, enqueued_at, attempts, last_error, sqlstate)"
-					 " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)",
+					 " VALUES ($1, $2, $3, $4::pg_catalog.jsonb, $5, $6, $7, $8, $9)",
 					 quote_identifier(schema));
 	if (SPI_execute_with_args(sql.data, 9, types, values, nulls, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert dead letter for entry " INT64_FORMAT, entry->id);
@@ -229,6 +230,43 @@ dead_letter(const char *schema, const DeferredEntry *entry, ErrorData *edata)
 					entry->id, deferred_op_name(entry->op),
 					relname ? relname : "dropped table", entry->attempts,
 					edata->message ? edata->message : "unknown error")));
+}
+
+/*
+ * Dead-letter an entry in a subtransaction: if that fails (the flush must
+ * not), the entry stays queued and the next flush tries again.
+ */
+static bool
+dead_letter_in_subxact(const char *schema, const DeferredEntry *entry, ErrorData *cause)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool done = false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		dead_letter(schema, entry, cause);
+		ReleaseCurrentSubTransaction();
+		done = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ereport(WARNING,
+				(errmsg("athena_deferred: could not dead-letter entry " INT64_FORMAT ", it stays queued: %s",
+						entry->id, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return done;
 }
 
 /*
@@ -248,6 +286,7 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 	{
 		Oid			save_userid;
 		int			save_sec;
+		int			gucnest;
 		char	   *relname;
 		int64		rows;
 
@@ -258,13 +297,23 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 							entry->roleid)));
 		relname = target_name_locked(entry->relid);
 
+		/*
+		 * Settings the entry's triggers or defaults change (search_path,
+		 * TimeZone, ...) must not outlive it: they would reach later entries
+		 * of other roles and the worker's own statements.  Hence a GUC nest
+		 * level, always rolled back.
+		 */
+		gucnest = NewGUCNestLevel();
 		GetUserIdAndSecContext(&save_userid, &save_sec);
 		SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
 		if (deferred_statement_timeout_ms > 0)
 			enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
 		flush_apply_entry(entry, relname, &rows);
 		disable_timeout(STATEMENT_TIMEOUT, false);
+		/* a cancel the timer raised just before it was disabled fails this entry */
+		CHECK_FOR_INTERRUPTS();
 		SetUserIdAndSecContext(save_userid, save_sec);
+		AtEOXact_GUC(false, gucnest);
 
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
@@ -335,11 +384,12 @@ record_progress(const char *schema, uint64 applied_upto, List *retry)
 
 /*
  * One flush: apply up to max_entries published entries in one transaction.
- * Returns how many entries it handled, or -1 if the extension is not
+ * Returns how many entries it handled (and sets *settled to how many of
+ * them were applied or dead-lettered), or -1 if the extension is not
  * installed in this database.
  */
 int
-flush_run(int max_entries)
+flush_run(int max_entries, int *settled)
 {
 	DeferredEntry **entries;
 	uint64	   *positions;
@@ -352,7 +402,9 @@ flush_run(int max_entries)
 				dead = 0;
 	MemoryContext oldcxt;
 	TimestampTz started;
+	uint64		upto = 0;
 
+	*settled = 0;
 	if (flush_context == NULL)
 		flush_context = AllocSetContextCreate(TopMemoryContext, "athena_deferred flush",
 											  ALLOCSET_DEFAULT_SIZES);
@@ -365,7 +417,7 @@ flush_run(int max_entries)
 	oldcxt = MemoryContextSwitchTo(flush_context);
 
 	schema = flush_extension_schema();
-	n = schema ? queue_collect(&entries, &positions, max_entries) : 0;
+	n = schema ? queue_collect(&entries, &positions, max_entries, true) : 0;
 	if (n > 0)
 	{
 		Oid			shown_relid = InvalidOid;
@@ -399,9 +451,9 @@ flush_run(int max_entries)
 			e->attempts++;
 			failed++;
 			queue_note_error(e->qseq, edata->message);
-			if (e->attempts >= (uint32) deferred_max_flush_attempts)
+			if (e->attempts >= (uint32) deferred_max_flush_attempts &&
+				dead_letter_in_subxact(schema, e, edata))
 			{
-				dead_letter(schema, e, edata);
 				e->state = ENTRY_DEAD;
 				dead++;
 			}
@@ -413,7 +465,14 @@ flush_run(int max_entries)
 				retry = lappend(retry, e);
 			}
 		}
-		record_progress(schema, entries[n - 1]->qseq + 1, retry);
+		/*
+		 * The record never goes back: a flush of retries alone must not
+		 * un-apply what an earlier flush applied.  Entries it covers but did
+		 * not collect stay listed for retry.
+		 */
+		upto = Max(deferred_shared->progress_upto, entries[n - 1]->qseq + 1);
+		retry = list_concat(retry, queue_unsettled_below(positions[n - 1] + entries[n - 1]->size, upto));
+		record_progress(schema, upto, retry);
 		notify_tally_send(tally);
 	}
 
@@ -428,8 +487,10 @@ flush_run(int max_entries)
 	{
 		int64		duration = GetCurrentTimestamp() - started;
 
+		deferred_shared->progress_upto = upto;
 		deferred_fault("after_flush_commit");
 		queue_settle(positions, entries, n, applied, failed, dead, duration);
+		*settled = applied + dead;
 		ereport(DEBUG1,
 				(errmsg("athena_deferred: flushed %d entries in %.3f ms: " INT64_FORMAT " applied, " INT64_FORMAT " failed, " INT64_FORMAT " dead-lettered",
 						n, duration / 1000.0, applied, failed, dead)));
@@ -534,11 +595,11 @@ deferred_requeue(PG_FUNCTION_ARGS)
 						   rolename)));
 
 	if (strcmp(op, "insert") == 0)
-		call = "SELECT %s.deferred_insert($1::regclass, $2->'rows')";
+		call = "SELECT %s.deferred_insert($1::pg_catalog.regclass, $2 OPERATOR(pg_catalog.->) 'rows')";
 	else if (strcmp(op, "update") == 0)
-		call = "SELECT %s.deferred_update($1::regclass, $2->'match', $2->'changes')";
+		call = "SELECT %s.deferred_update($1::pg_catalog.regclass, $2 OPERATOR(pg_catalog.->) 'match', $2 OPERATOR(pg_catalog.->) 'changes')";
 	else
-		call = "SELECT %s.deferred_delete($1::regclass, $2->'match')";
+		call = "SELECT %s.deferred_delete($1::pg_catalog.regclass, $2 OPERATOR(pg_catalog.->) 'match')";
 
 	/* queue it as the role that queued it first: the same checks apply */
 	GetUserIdAndSecContext(&save_userid, &save_sec);

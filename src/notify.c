@@ -4,10 +4,10 @@
  *		The cache-invalidation NOTIFY: one per table touched by a flush.
  *
  * A tally collects, during a flush (or an immediate call), what was done to
- * each table; notify_tally_send() gives the flush its number, lists its
- * tables in the invalidation ring, and queues one NOTIFY per table in the
- * current transaction, so listeners hear it only once the rows are
- * visible.  The payload is a JSON object written with jansson:
+ * each table; notify_tally_send() gives the flush its number and queues one
+ * NOTIFY per table in the current transaction, so listeners hear it only
+ * once the rows are visible; its tables enter the invalidation ring when the
+ * transaction commits.  The payload is a JSON object written with jansson:
  *
  *	{"flush": 1764080000000123, "schema": "public", "table": "items",
  *	 "entries": 3, "inserted": 5, "updated": 1, "deleted": 0}
@@ -29,6 +29,7 @@
 #include "nodes/pg_list.h"
 #include "storage/shmem.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "athena_deferred.h"
@@ -79,31 +80,75 @@ notify_shmem_init(void)
 	}
 }
 
-/* Give the flush its number and list its tables; caller holds the lock */
+/*
+ * Invalidations of the current transaction's flush, listed in the ring only
+ * when it commits (notify_at_commit): a listener catching up must not learn
+ * of a flush whose rows it cannot see yet.
+ */
+static InvalidationSlot *pending_slots = NULL;
+static int	pending_nslots = 0;
+
+/* Give the flush its number and keep its tables for the commit */
 static int64
-record_flush_locked(NotifyTally *tally, char **schemas, char **tables)
+number_flush(NotifyTally *tally, char **schemas, char **tables)
+{
+	int			n = list_length(tally->tables);
+	TimestampTz now = GetCurrentTimestamp();
+	int64		flush;
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	flush = ++notify_shared->last_flush;
+	notify_shared->notifications += n;
+	LWLockRelease(deferred_shared->lock);
+
+	/* several immediate calls in one transaction add up */
+	if (pending_slots == NULL)
+		pending_slots = MemoryContextAllocZero(TopTransactionContext, sizeof(InvalidationSlot) * n);
+	else
+		pending_slots = repalloc(pending_slots, sizeof(InvalidationSlot) * (pending_nslots + n));
+	for (int i = 0; i < n; i++)
+	{
+		InvalidationSlot *slot = &pending_slots[pending_nslots];
+
+		if (tables[i] == NULL)
+			continue;
+		slot->flush = flush;
+		slot->flushed_at = now;
+		strlcpy(NameStr(slot->schema), schemas[i], NAMEDATALEN);
+		strlcpy(NameStr(slot->table), tables[i], NAMEDATALEN);
+		pending_nslots++;
+	}
+	return flush;
+}
+
+/* At commit: list the committed flush's tables in the ring */
+void
+notify_at_commit(void)
 {
 	NotifyShared *ns = notify_shared;
-	int64		flush = ++ns->last_flush;
-	TimestampTz now = GetCurrentTimestamp();
-	int			i;
 
-	for (i = 0; i < list_length(tally->tables); i++)
+	if (pending_nslots == 0)
+		return;
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < pending_nslots; i++)
 	{
 		InvalidationSlot *slot = &ns->slots[ns->written % deferred_invalidation_ring_size];
 
-		if (tables[i] != NULL)
-		{
-			if (ns->written >= (uint64) deferred_invalidation_ring_size)
-				ns->forgotten_upto = Max(ns->forgotten_upto, slot->flush);
-			slot->flush = flush;
-			slot->flushed_at = now;
-			strlcpy(NameStr(slot->schema), schemas[i], NAMEDATALEN);
-			strlcpy(NameStr(slot->table), tables[i], NAMEDATALEN);
-			ns->written++;
-		}
+		if (ns->written >= (uint64) deferred_invalidation_ring_size)
+			ns->forgotten_upto = Max(ns->forgotten_upto, slot->flush);
+		*slot = pending_slots[i];
+		ns->written++;
 	}
-	return flush;
+	LWLockRelease(deferred_shared->lock);
+	notify_at_abort();
+}
+
+/* At abort (and after commit): forget the transaction's invalidations */
+void
+notify_at_abort(void)
+{
+	pending_slots = NULL;
+	pending_nslots = 0;
 }
 
 /* A new, empty tally in the current memory context */
@@ -183,10 +228,7 @@ notify_tally_send(NotifyTally *tally)
 		i++;
 	}
 
-	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	flush = record_flush_locked(tally, schemas, tables);
-	notify_shared->notifications += n;
-	LWLockRelease(deferred_shared->lock);
+	flush = number_flush(tally, schemas, tables);
 
 	i = 0;
 	foreach(lc, tally->tables)

@@ -246,9 +246,15 @@ queue_cancel(const uint64 *positions, int nentries)
  * Copy up to max_entries published entries, oldest first, into the current
  * memory context.  Stops at the first entry whose transaction has not yet
  * committed, so that nothing overtakes it.  Returns how many were copied.
+ *
+ * The worker copies bodies after releasing the lock: published entries are
+ * immutable and only the worker releases them.  Anyone else (worker =
+ * false) copies under the lock, since the worker may release and callers
+ * reuse that space meanwhile.
  */
 int
-queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
+queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
+			  bool worker)
 {
 	DeferredShared *q = deferred_shared;
 	DeferredEntry hdr;
@@ -258,11 +264,15 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 	int			i;
 
 	*positions = palloc(sizeof(uint64) * allocated);
+	*entries = palloc(sizeof(DeferredEntry *) * allocated);
 
 	LWLockAcquire(q->lock, LW_SHARED);
 	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries; pos += hdr.size)
 	{
 		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.size < sizeof(DeferredEntry) || hdr.size > q->capacity)
+			elog(PANIC, "athena_deferred: corrupt queue entry of %u bytes at %llu",
+				 hdr.size, (unsigned long long) pos);
 		if (hdr.state == ENTRY_RESERVED)
 			break;
 		if (hdr.state != ENTRY_PUBLISHED)
@@ -271,20 +281,55 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 		{
 			allocated *= 2;
 			*positions = repalloc(*positions, sizeof(uint64) * allocated);
+			*entries = repalloc(*entries, sizeof(DeferredEntry *) * allocated);
 		}
-		(*positions)[n++] = pos;
+		(*positions)[n] = pos;
+		(*entries)[n] = NULL;
+		if (!worker)
+		{
+			(*entries)[n] = palloc(hdr.size);
+			ring_read(pos, (*entries)[n], hdr.size);
+		}
+		n++;
 	}
 	LWLockRelease(q->lock);
 
-	/* published entries are immutable and only we release them */
-	*entries = palloc(sizeof(DeferredEntry *) * Max(n, 1));
-	for (i = 0; i < n; i++)
+	for (i = 0; i < n && worker; i++)
 	{
 		ring_read((*positions)[i], &hdr, sizeof(hdr));
 		(*entries)[i] = palloc(hdr.size);
 		ring_read((*positions)[i], (*entries)[i], hdr.size);
 	}
 	return n;
+}
+
+/*
+ * Worker: headers of the published entries from from_pos on with a qseq
+ * below upto (those a flush did not collect but its progress record covers).
+ */
+List *
+queue_unsettled_below(uint64 from_pos, uint64 upto)
+{
+	DeferredShared *q = deferred_shared;
+	List	   *result = NIL;
+	DeferredEntry hdr;
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	for (uint64 pos = from_pos; pos < q->reserve_pos; pos += hdr.size)
+	{
+		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.qseq >= upto)
+			break;
+		if (hdr.state == ENTRY_PUBLISHED || hdr.state == ENTRY_RESERVED)
+		{
+			DeferredEntry *copy = palloc(sizeof(DeferredEntry));
+
+			memcpy(copy, &hdr, sizeof(hdr));
+			result = lappend(result, copy);
+		}
+	}
+	LWLockRelease(q->lock);
+	return result;
 }
 
 /* Remember an entry's outcome for deferred_wait(); caller holds the lock */

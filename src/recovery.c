@@ -174,6 +174,8 @@ replay_record(void *arg, json_t *rec, size_t offset)
 
 			*q = (uint64) json_integer_value(v);
 			r->aborted = lappend(r->aborted, q);
+			/* numbers of abandoned entries are used up too */
+			r->max_qseq = Max(r->max_qseq, *q);
 		}
 	}
 	else
@@ -236,6 +238,9 @@ list_segments(int *nsegs)
 	}
 	while ((de = ReadDir(dir, deferred_wal_dir)) != NULL)
 	{
+		/* half-made segments of creators that crashed */
+		if (strncmp(de->d_name, "tmp.", 4) == 0)
+			unlink(psprintf("%s/%s", deferred_wal_dir, de->d_name));
 		if (strlen(de->d_name) != 16 || strspn(de->d_name, "0123456789ABCDEF") != 16)
 			continue;
 		if (n == allocated)
@@ -283,6 +288,9 @@ entry_committed(const DeferredEntry *e)
 {
 	if (!TransactionIdIsNormal(e->xid))
 		return true;
+	/* an xid the server has not reached again was never committed */
+	if (!TransactionIdPrecedes(e->xid, XidFromFullTransactionId(ShmemVariableCache->nextXid)))
+		return false;
 	/* a status older than the commit log keeps is no longer known: it committed long ago */
 	if (TransactionIdPrecedes(e->xid, ShmemVariableCache->oldestClogXid))
 		return true;
@@ -304,6 +312,7 @@ replay_wal(Progress *progress)
 	int			n = 0;
 	ListCell   *lc;
 	uint64		last_qseq = 0;
+	int			other_db = 0;
 
 	int			last_written = -1;
 
@@ -362,6 +371,11 @@ replay_wal(Progress *progress)
 		if (e->qseq == last_qseq)
 			continue;
 		last_qseq = e->qseq;
+		if (e->dbid != MyDatabaseId)
+		{
+			other_db++;
+			continue;
+		}
 		foreach(alc, r.aborted)
 			abandoned |= (*(uint64 *) lfirst(alc) == e->qseq);
 		if (abandoned || !entry_committed(e))
@@ -392,6 +406,13 @@ replay_wal(Progress *progress)
 
 	queue_restore(entries, n, Max(Max(r.max_qseq + 1, progress->applied_upto), 1));
 
+	if (other_db > 0)
+		ereport(WARNING,
+				(errmsg("athena_deferred: %d pending entries in the WAL belong to another database and were not recovered",
+						other_db),
+				 errdetail("athena_deferred.database was changed, or the database was dropped and created again, while they were pending."),
+				 errhint("Their payloads are in the WAL segment files in athena_deferred.wal_dir.")));
+
 	ereport(LOG,
 			(errmsg("athena_deferred: recovered %d pending entries from %d WAL segments (%llu records, %llu torn, %llu corrupt)",
 					n, nsegs, (unsigned long long) stats.records,
@@ -407,7 +428,7 @@ reconcile_queue(Progress *progress)
 {
 	DeferredEntry **entries;
 	uint64	   *positions;
-	int			n = queue_collect(&entries, &positions, INT_MAX);
+	int			n = queue_collect(&entries, &positions, INT_MAX, true);
 	int64		done = 0;
 
 	for (int i = 0; i < n; i++)
@@ -453,6 +474,7 @@ recovery_run(void)
 
 		installed = true;
 		flush_read_progress(schema, &progress);
+		deferred_shared->progress_upto = progress.applied_upto;
 		if (!deferred_shared->recovered)
 			replay_wal(&progress);
 		else

@@ -273,23 +273,30 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
 	return pos;
 }
 
-/* Frame one JSON record and append it to buf */
-static void
-append_record(StringInfo buf, json_t *rec)
+/* Frame one JSON record and append it to buf; false (reported at elevel) on failure */
+static bool
+append_record(StringInfo buf, json_t *rec, int elevel)
 {
-	char	   *payload = json_dumps(rec, JSON_COMPACT);
+	char	   *payload = rec ? json_dumps(rec, JSON_COMPACT) : NULL;
 	size_t		len;
 	size_t		size;
 
 	json_decref(rec);
 	if (payload == NULL)
-		elog(ERROR, "could not serialize athena_deferred WAL record");
+	{
+		ereport(elevel,
+				(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+				 errmsg("could not write an athena_deferred WAL record"),
+				 errdetail("Names and values must be valid UTF-8.")));
+		return false;
+	}
 	len = strlen(payload);
 	size = wal_record_size(len);
 	enlargeStringInfo(buf, size);
 	wal_record_frame(buf->data + buf->len, payload, len);
 	buf->len += size;
 	free(payload);
+	return true;
 }
 
 /* An entry as a WAL record: everything needed to queue it again */
@@ -351,7 +358,7 @@ wal_append(DeferredEntry **entries, int nentries)
 	initStringInfo(&buf);
 	for (int i = 0; i < nentries; i++)
 	{
-		append_record(&buf, entry_record(entries[i]));
+		(void) append_record(&buf, entry_record(entries[i]), ERROR);
 		max_qseq = Max(max_qseq, entries[i]->qseq);
 	}
 	end = wal_write(buf.data, buf.len, max_qseq, ERROR);
@@ -422,26 +429,25 @@ wal_flush(uint64 upto)
 
 /*
  * Log that entries already written were abandoned: their transaction
- * aborted after pre-commit.  Runs during abort, so it cannot throw; if it
- * fails, the entries' xid (when they have one) still keeps recovery from
+ * aborted after pre-commit.  Runs during abort, so it reports failures as
+ * WARNINGs and does not fsync (the next commit's fsync covers it); if it is
+ * lost, the entries' xid (when they have one) still keeps recovery from
  * applying them.
  */
 void
 wal_append_abort(DeferredEntry **entries, int nentries)
 {
-	json_t	   *qseqs = json_array();
+	json_t	   *qseqs;
 	StringInfoData buf;
-	uint64		end;
 
 	if (!deferred_wal_enabled)
 		return;
+	qseqs = json_array();
 	for (int i = 0; i < nentries; i++)
 		json_array_append_new(qseqs, json_integer((json_int_t) entries[i]->qseq));
 	initStringInfo(&buf);
-	append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", qseqs));
-	end = wal_write(buf.data, buf.len, 0, WARNING);
-	if (end != 0 && deferred_wal_sync == WAL_SYNC_ALWAYS)
-		wal_flush(end);
+	if (append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", qseqs), WARNING))
+		(void) wal_write(buf.data, buf.len, 0, WARNING);
 }
 
 /* Make everything written so far durable (the batch-mode background sync) */
@@ -503,6 +509,52 @@ wal_prepare_segments(void)
 	}
 }
 
+static void
+max_qseq_of_record(void *arg, json_t *rec, size_t offset pg_attribute_unused())
+{
+	uint64	   *max = arg;
+	json_t	   *q = json_object_get(rec, "q");
+
+	if (json_is_integer(q))
+		*max = Max(*max, (uint64) json_integer_value(q));
+	json_decref(rec);
+}
+
+static void
+ignore_damage(void *arg pg_attribute_unused(), bool torn pg_attribute_unused(),
+			  size_t offset pg_attribute_unused(), size_t len pg_attribute_unused())
+{
+}
+
+/*
+ * Highest entry in a segment, read from the file: for segments whose slot
+ * in shared memory a newer one took (more than WAL_SEGMENT_SLOTS kept).
+ */
+static uint64
+segment_max_qseq(uint64 segno)
+{
+	char	   *path = wal_segment_path(segno);
+	int			fd = BasicOpenFile(path, O_RDONLY | PG_BINARY);
+	uint64		size = wal_segment_bytes();
+	char	   *buf;
+	uint64		max = 0;
+	WalScanStats stats = {0};
+	ssize_t		got;
+
+	if (fd < 0)
+		return 0;				/* gone: nothing to keep */
+	buf = palloc_extended(size, MCXT_ALLOC_HUGE);
+	got = pg_pread(fd, buf, size, 0);
+	close(fd);
+	if (got < 0)
+		max = PG_UINT64_MAX;	/* unreadable: keep it */
+	else
+		wal_scan_segment(buf, got, false, max_qseq_of_record, ignore_damage, &max, &stats);
+	pfree(buf);
+	pfree(path);
+	return max;
+}
+
 /*
  * Worker, after a flush has committed: remove the segments, oldest first,
  * whose entries are all settled.  The segment being written is kept.
@@ -524,11 +576,23 @@ wal_remove_settled(uint64 settled_qseq)
 		bool		settled;
 		char	   *path;
 
+		uint64		max_qseq;
+		bool		known;
+
 		LWLockAcquire(q->wal_lock, LW_SHARED);
-		/* a slot taken over by a newer segment: ours is unknown, keep it */
-		settled = q->seg_segno[slot] != segno ? (q->seg_segno[slot] < segno)
-			: q->seg_max_qseq[slot] < settled_qseq;
+		known = (q->seg_segno[slot] == segno);
+		max_qseq = q->seg_max_qseq[slot];
+		/* a slot never used for this segment: nothing was written to it */
+		if (q->seg_segno[slot] < segno)
+		{
+			known = true;
+			max_qseq = 0;
+		}
 		LWLockRelease(q->wal_lock);
+		/* a slot taken over by a newer segment: read the segment itself */
+		if (!known)
+			max_qseq = segment_max_qseq(segno);
+		settled = max_qseq < settled_qseq;
 		if (!settled)
 			break;
 

@@ -85,6 +85,7 @@ void
 deferred_worker_main(Datum main_arg pg_attribute_unused())
 {
 	bool		ready = false;
+	int			retry_rounds = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -110,6 +111,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 	while (!ShutdownRequestPending)
 	{
 		int			handled = 0;
+		int			settled = 0;
 		long		timeout;
 
 		CHECK_FOR_INTERRUPTS();
@@ -125,7 +127,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 			ready = recovery_run();
 		if (ready)
 		{
-			handled = flush_run(FLUSH_MAX_ENTRIES);
+			handled = flush_run(FLUSH_MAX_ENTRIES, &settled);
 			wal_remove_settled(deferred_shared->settled_qseq);
 		}
 		if (wal_sync_due_in() == 0)
@@ -134,13 +136,16 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 
 		/*
 		 * Go again at once while there is more than one flush's worth, or
-		 * retries that deferred_flush() is waiting for; poll briefly while a
-		 * committing transaction holds up the head of the queue.
+		 * while deferred_flush() waits and the last flush got somewhere.
+		 * Entries that only failed are retried after a growing pause, so
+		 * that a transient failure (a deadlock, a lock timeout) is not
+		 * dead-lettered by a burst of retries.
 		 */
-		if (handled == FLUSH_MAX_ENTRIES || (handled > 0 && flush_requested()))
+		retry_rounds = (handled > settled) ? retry_rounds + 1 : 0;
+		if (handled == FLUSH_MAX_ENTRIES || (settled > 0 && flush_requested()))
 			continue;
 		if (flush_requested())
-			timeout = 10;
+			timeout = retry_rounds > 0 ? Min(100L * retry_rounds, 5000L) : 10;
 		else if (!ready)
 			timeout = 1000;
 		else

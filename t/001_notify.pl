@@ -39,13 +39,15 @@ $node->safe_psql('postgres', 'SELECT deferred_flush()');
 $out = $listener->query_safe(q{SELECT string_agg(id || ':' || name, ',' ORDER BY id) FROM items});
 like($out, qr/^1:A,2:b$/m, 'rows visible to the listener');
 like($out,
-	qr/Asynchronous notification "athena_deferred" with payload "\{"schema":"public","table":"items","entries":2,"inserted":2,"updated":1,"deleted":0\}" received/,
+	qr/Asynchronous notification "athena_deferred" with payload "\{"flush":(\d+),"schema":"public","table":"items","entries":2,"inserted":2,"updated":1,"deleted":0\}" received/,
 	'items notification carries schema, table and counts');
 like($out,
-	qr/Asynchronous notification "athena_deferred" with payload "\{"schema":"public","table":"other","entries":1,"inserted":1,"updated":0,"deleted":0\}" received/,
+	qr/Asynchronous notification "athena_deferred" with payload "\{"flush":(\d+),"schema":"public","table":"other","entries":1,"inserted":1,"updated":0,"deleted":0\}" received/,
 	'other table notified separately');
 my @notes = ($out =~ /Asynchronous notification/g);
 is(scalar @notes, 2, 'exactly one notification per table');
+my @flushes = ($out =~ /"flush":(\d+)/g);
+is($flushes[0], $flushes[1], 'both tables carry the number of the one flush');
 
 # a flush whose only entry fails to apply touches no table: no notification
 $node->safe_psql('postgres', q{SELECT deferred_insert('items', '{"id": 1}')});
@@ -78,7 +80,7 @@ unlike($out, qr/Asynchronous notification/, 'immediate path: nothing heard befor
 $writer->query_safe('COMMIT');
 $out = $listener->query_safe('SELECT count(*) FROM items');
 like($out,
-	qr/payload "\{"schema":"public","table":"items","entries":1,"inserted":0,"updated":0,"deleted":1\}"/,
+	qr/payload "\{"flush":\d+,"schema":"public","table":"items","entries":1,"inserted":0,"updated":0,"deleted":1\}"/,
 	'immediate path: heard at commit');
 like($out, qr/^2$/m, 'immediate delete visible');
 
