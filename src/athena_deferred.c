@@ -106,6 +106,18 @@ deferred_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/* A NOTIFY channel PostgreSQL accepts: a failing NOTIFY would fail every flush */
+static bool
+check_notify_channel(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	if (*newval == NULL || (*newval)[0] == '\0' || strlen(*newval) >= NAMEDATALEN)
+	{
+		GUC_check_errdetail("The channel name must be between 1 and %d bytes long.", NAMEDATALEN - 1);
+		return false;
+	}
+	return true;
+}
+
 static void
 deferred_define_settings(void)
 {
@@ -149,7 +161,7 @@ deferred_define_settings(void)
 							   "Channel of the NOTIFY sent for each table after a flush.",
 							   NULL,
 							   &deferred_notify_channel, ATHENA_EXTENSION_NAME,
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+							   PGC_SIGHUP, 0, check_notify_channel, NULL, NULL);
 
 	DefineCustomBoolVariable("athena_deferred.skip_cache_invalidation",
 							 "Suppresses the NOTIFY after flushes and immediate mutations.",
