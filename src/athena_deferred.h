@@ -300,7 +300,7 @@ extern void notify_at_commit(void);
 extern void notify_at_abort(void);
 extern NotifyTally *notify_tally_create(void);
 extern void notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op,
-							 int64 rows);
+							 int64 entries, int64 rows);
 extern void notify_tally_send(NotifyTally *tally);
 
 /* enqueue.c */

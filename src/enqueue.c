@@ -295,7 +295,7 @@ entry_finish(FunctionCallInfo fcinfo, StringInfo buf, Relation rel,
 		SPI_connect();
 		flush_apply_entry((DeferredEntry *) buf->data, relname, &rows);
 		SPI_finish();
-		notify_tally_add(tally, hdr.relid, op, rows);
+		notify_tally_add(tally, hdr.relid, op, 1, rows);
 		notify_tally_send(tally);
 		PG_RETURN_NULL();
 	}

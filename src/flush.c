@@ -3,10 +3,13 @@
  * flush.c
  *		Apply published entries through SPI, as the role that queued each.
  *
- * One flush is one transaction.  Each entry runs in a subtransaction under
- * its queuing role (SECURITY_LOCAL_USERID_CHANGE), so privileges, row-level
+ * One flush is one transaction.  Consecutive inserts into one table by one
+ * role with the same columns form a batch, applied by one statement; other
+ * entries go one by one.  Each batch runs in a subtransaction under its
+ * queuing role (SECURITY_LOCAL_USERID_CHANGE), so privileges, row-level
  * security and defaults such as current_user behave as if the caller had
- * run the statement, and one bad entry does not undo the others.  A failed
+ * run the statement; a batch that fails is split in halves down to the
+ * entry at fault, so one bad entry does not undo the others.  A failed
  * entry stays in the queue for the next flush, ahead of newer entries,
  * until max_flush_attempts; then it moves to deferred_dead_letters.  The
  * same transaction records how far the queue has been applied
@@ -42,6 +45,9 @@
 #include "utils/timestamp.h"
 
 #include "athena_deferred.h"
+
+/* Inserts applied by one statement at most */
+#define FLUSH_BATCH_ENTRIES 10000
 
 static MemoryContext flush_context = NULL;
 
@@ -101,6 +107,21 @@ run_statement(const char *sql, int nargs, Datum *args, int expected)
 	return (int64) SPI_processed;
 }
 
+/* Insert the rows of a JSON array, with the columns a part names */
+static int64
+run_insert(const char *relname, const DeferredPart *part, Datum json)
+{
+	StringInfoData sql;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "INSERT INTO %s (", relname);
+	append_columns(&sql, part, "");
+	appendStringInfoString(&sql, ") SELECT ");
+	append_columns(&sql, part, "");
+	appendStringInfo(&sql, " FROM pg_catalog.json_populate_recordset(NULL::%s, $1)", relname);
+	return run_statement(sql.data, 1, &json, SPI_OK_INSERT);
+}
+
 /*
  * Apply one entry to relname (quoted, qualified) with the current user's
  * privileges.  The caller has SPI connected.  Used by the worker and by the
@@ -121,17 +142,7 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 		case DEFERRED_INSERT:
 			/* one statement per run of rows with the same keys */
 			for (int i = 0; i < entry->nparts; i++, part = part_next(part))
-			{
-				resetStringInfo(&sql);
-				appendStringInfo(&sql, "INSERT INTO %s (", relname);
-				append_columns(&sql, part, "");
-				appendStringInfoString(&sql, ") SELECT ");
-				append_columns(&sql, part, "");
-				appendStringInfo(&sql, " FROM pg_catalog.json_populate_recordset(NULL::%s, $1)",
-								 relname);
-				args[0] = part_json(part);
-				*rows += run_statement(sql.data, 1, args, SPI_OK_INSERT);
-			}
+				*rows += run_insert(relname, part, part_json(part));
 			break;
 
 		case DEFERRED_UPDATE:
@@ -270,14 +281,62 @@ dead_letter_in_subxact(const char *schema, const DeferredEntry *entry, ErrorData
 }
 
 /*
- * Apply one entry in a subtransaction as its queuing role.  Returns NULL
- * on success, else the error (in the caller's memory context).
+ * Can entry b join a batch started by entry a?  Inserts into the same table
+ * by the same role, each one run of rows with the same columns, are applied
+ * by one statement.
+ */
+static bool
+batchable(const DeferredEntry *a, const DeferredEntry *b)
+{
+	const DeferredPart *pa = entry_first_part(a);
+	const DeferredPart *pb = entry_first_part(b);
+
+	return a->op == DEFERRED_INSERT && b->op == DEFERRED_INSERT &&
+		a->nparts == 1 && b->nparts == 1 &&
+		a->relid == b->relid && a->roleid == b->roleid &&
+		pa->namelen == pb->namelen &&
+		memcmp(part_names(pa), part_names(pb), pa->namelen) == 0;
+}
+
+/* Apply a batch (one entry, or batchable inserts) to relname; rows touched */
+static int64
+apply_batch(DeferredEntry **batch, int count, const char *relname)
+{
+	StringInfoData rows;
+	int64		touched;
+
+	if (count == 1)
+	{
+		flush_apply_entry(batch[0], relname, &touched);
+		return touched;
+	}
+
+	/* join the entries' arrays of rows into one */
+	initStringInfo(&rows);
+	appendStringInfoChar(&rows, '[');
+	for (int i = 0; i < count; i++)
+	{
+		const DeferredPart *part = entry_first_part(batch[i]);
+
+		if (i > 0)
+			appendStringInfoChar(&rows, ',');
+		appendBinaryStringInfo(&rows, part_text(part) + 1, part->textlen - 2);
+	}
+	appendStringInfoChar(&rows, ']');
+	return run_insert(relname, entry_first_part(batch[0]),
+					  PointerGetDatum(cstring_to_text_with_len(rows.data, rows.len)));
+}
+
+/*
+ * Apply a batch in a subtransaction as its queuing role.  Returns NULL on
+ * success, else the error (in the caller's memory context).
  */
 static ErrorData *
-apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
+apply_in_subxact(DeferredEntry **batch, int count, NotifyTally *tally)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
+	const DeferredEntry *entry = batch[0];
 	ErrorData  *volatile edata = NULL;
 
 	BeginInternalSubTransaction(NULL);
@@ -308,9 +367,9 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 		SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
 		if (deferred_statement_timeout_ms > 0)
 			enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
-		flush_apply_entry(entry, relname, &rows);
+		rows = apply_batch(batch, count, relname);
 		disable_timeout(STATEMENT_TIMEOUT, false);
-		/* a cancel the timer raised just before it was disabled fails this entry */
+		/* a cancel the timer raised just before it was disabled fails this batch */
 		CHECK_FOR_INTERRUPTS();
 		SetUserIdAndSecContext(save_userid, save_sec);
 		AtEOXact_GUC(false, gucnest);
@@ -318,7 +377,7 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		notify_tally_add(tally, entry->relid, entry->op, rows);
+		notify_tally_add(tally, entry->relid, entry->op, count, rows);
 	}
 	PG_CATCH();
 	{
@@ -333,6 +392,63 @@ apply_in_subxact(const DeferredEntry *entry, NotifyTally *tally)
 	}
 	PG_END_TRY();
 	return edata;
+}
+
+/* What one flush did, for its progress record and shared memory */
+typedef struct FlushOutcome
+{
+	const char *schema;
+	NotifyTally *tally;
+	List	   *retry;
+	int64		applied;
+	int64		failed;
+	int64		dead;
+} FlushOutcome;
+
+/* An entry failed: retry it later, or dead-letter it after its last attempt */
+static void
+entry_failed(DeferredEntry *e, ErrorData *edata, FlushOutcome *out)
+{
+	e->attempts++;
+	out->failed++;
+	queue_note_error(e->qseq, edata->message);
+	if (e->attempts >= (uint32) deferred_max_flush_attempts &&
+		dead_letter_in_subxact(out->schema, e, edata))
+	{
+		e->state = ENTRY_DEAD;
+		out->dead++;
+		return;
+	}
+	ereport(WARNING,
+			(errmsg("athena_deferred: entry " INT64_FORMAT " failed (attempt %u of %d), will retry: %s",
+					e->id, e->attempts, deferred_max_flush_attempts, edata->message)));
+	out->retry = lappend(out->retry, e);
+}
+
+/*
+ * Apply a batch; if it fails, apply its halves, down to single entries, so
+ * that a bad entry costs a few retries of its batch rather than a slow path
+ * for every entry.  Order is kept: the first half goes first.
+ */
+static void
+settle_batch(DeferredEntry **batch, int count, FlushOutcome *out)
+{
+	ErrorData  *edata = apply_in_subxact(batch, count, out->tally);
+
+	if (edata == NULL)
+	{
+		for (int i = 0; i < count; i++)
+			batch[i]->state = ENTRY_DONE;
+		out->applied += count;
+	}
+	else if (count == 1)
+		entry_failed(batch[0], edata, out);
+	else
+	{
+		FreeErrorData(edata);
+		settle_batch(batch, count / 2, out);
+		settle_batch(batch + count / 2, count - count / 2, out);
+	}
 }
 
 /* Name of the extension's schema, or NULL if it is not installed here */
@@ -394,12 +510,7 @@ flush_run(int max_entries, int *settled)
 	DeferredEntry **entries;
 	uint64	   *positions;
 	int			n;
-	char	   *schema;
-	NotifyTally *tally;
-	List	   *retry = NIL;
-	int64		applied = 0,
-				failed = 0,
-				dead = 0;
+	FlushOutcome out = {0};
 	MemoryContext oldcxt;
 	TimestampTz started;
 	uint64		upto = 0;
@@ -416,64 +527,41 @@ flush_run(int max_entries, int *settled)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	oldcxt = MemoryContextSwitchTo(flush_context);
 
-	schema = flush_extension_schema();
-	n = schema ? queue_collect(&entries, &positions, max_entries, true) : 0;
+	out.schema = flush_extension_schema();
+	n = out.schema ? queue_collect(&entries, &positions, max_entries, true) : 0;
 	if (n > 0)
 	{
 		Oid			shown_relid = InvalidOid;
 
-		tally = notify_tally_create();
-
-		for (int i = 0; i < n; i++)
+		out.tally = notify_tally_create();
+		for (int i = 0, j; i < n; i = j)
 		{
-			DeferredEntry *e = entries[i];
-			ErrorData  *edata;
-
 			/* pg_stat_activity says which table the flush is at */
-			if (e->relid != shown_relid)
+			if (entries[i]->relid != shown_relid)
 			{
-				char	   *relname = get_rel_name(e->relid);
+				char	   *relname = get_rel_name(entries[i]->relid);
 
+				shown_relid = entries[i]->relid;
 				pgstat_report_activity(STATE_RUNNING,
 									   psprintf("flushing %d entries into %s", n,
-												relname ? quote_qualified_identifier(get_namespace_name(get_rel_namespace(e->relid)), relname)
+												relname ? quote_qualified_identifier(get_namespace_name(get_rel_namespace(shown_relid)), relname)
 												: "a dropped table"));
-				shown_relid = e->relid;
 			}
-			edata = apply_in_subxact(e, tally);
-
-			if (edata == NULL)
-			{
-				e->state = ENTRY_DONE;
-				applied++;
-				continue;
-			}
-			e->attempts++;
-			failed++;
-			queue_note_error(e->qseq, edata->message);
-			if (e->attempts >= (uint32) deferred_max_flush_attempts &&
-				dead_letter_in_subxact(schema, e, edata))
-			{
-				e->state = ENTRY_DEAD;
-				dead++;
-			}
-			else
-			{
-				ereport(WARNING,
-						(errmsg("athena_deferred: entry " INT64_FORMAT " failed (attempt %u of %d), will retry: %s",
-								e->id, e->attempts, deferred_max_flush_attempts, edata->message)));
-				retry = lappend(retry, e);
-			}
+			for (j = i + 1; j < n && j - i < FLUSH_BATCH_ENTRIES && batchable(entries[i], entries[j]); j++)
+				;
+			settle_batch(entries + i, j - i, &out);
 		}
+
 		/*
 		 * The record never goes back: a flush of retries alone must not
 		 * un-apply what an earlier flush applied.  Entries it covers but did
 		 * not collect stay listed for retry.
 		 */
 		upto = Max(deferred_shared->progress_upto, entries[n - 1]->qseq + 1);
-		retry = list_concat(retry, queue_unsettled_below(positions[n - 1] + entries[n - 1]->size, upto));
-		record_progress(schema, upto, retry);
-		notify_tally_send(tally);
+		out.retry = list_concat(out.retry,
+								queue_unsettled_below(positions[n - 1] + entries[n - 1]->size, upto));
+		record_progress(out.schema, upto, out.retry);
+		notify_tally_send(out.tally);
 	}
 
 	MemoryContextSwitchTo(oldcxt);
@@ -489,16 +577,16 @@ flush_run(int max_entries, int *settled)
 
 		deferred_shared->progress_upto = upto;
 		deferred_fault("after_flush_commit");
-		queue_settle(positions, entries, n, applied, failed, dead, duration);
-		*settled = applied + dead;
+		queue_settle(positions, entries, n, out.applied, out.failed, out.dead, duration);
+		*settled = out.applied + out.dead;
 		ereport(DEBUG1,
 				(errmsg("athena_deferred: flushed %d entries in %.3f ms: " INT64_FORMAT " applied, " INT64_FORMAT " failed, " INT64_FORMAT " dead-lettered",
-						n, duration / 1000.0, applied, failed, dead)));
+						n, duration / 1000.0, out.applied, out.failed, out.dead)));
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 	pgstat_report_stat(false);
 	MemoryContextReset(flush_context);
-	return schema ? n : -1;
+	return out.schema ? n : -1;
 }
 
 /* Read the single row of deferred_progress (SPI connected) */

@@ -158,9 +158,9 @@ notify_tally_create(void)
 	return palloc0(sizeof(NotifyTally));
 }
 
-/* Count one applied entry and the rows it touched */
+/* Count applied entries and the rows they touched */
 void
-notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op, int64 rows)
+notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op, int64 entries, int64 rows)
 {
 	TableTally *t = NULL;
 	ListCell   *lc;
@@ -179,7 +179,7 @@ notify_tally_add(NotifyTally *tally, Oid relid, DeferredOp op, int64 rows)
 		t->relid = relid;
 		tally->tables = lappend(tally->tables, t);
 	}
-	t->entries++;
+	t->entries += entries;
 	t->rows[op] += rows;
 }
 
