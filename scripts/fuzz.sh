@@ -5,8 +5,8 @@
 #                                 each, side by side (default 600)
 #   scripts/fuzz.sh build         build only
 #   scripts/fuzz.sh repro FILE... run inputs once through the target they
-#                                 belong to (raw-* / framed-* artifacts;
-#                                 other files go to the raw target)
+#                                 belong to (framed-* artifacts and files in
+#                                 a framed/ folder: framed; others: raw)
 #   scripts/fuzz.sh seeds         rewrite fuzz/corpus/ with fuzz/wal_seed_gen.c
 #
 # Targets (fuzz/wal_reader_fuzz.c says what each checks):
@@ -19,9 +19,11 @@
 # -timeout=5 (a hang), -rss_limit_mb=512 and -malloc_limit_mb=256 (unbounded
 # allocation), LeakSanitizer (a record the reader leaks), inputs up to 1 MiB.
 #
-# Each target starts from fuzz/corpus/<target>/ (the committed seeds, never
-# written) and from $FUZZ_BUILD_DIR/corpus-<target>/ (what earlier runs
-# found, kept between runs).  A finding is written to
+# Each target starts from fuzz/corpus/<target>/ (the seeds, written by
+# "scripts/fuzz.sh seeds"), fuzz/regressions/<target>/ (inputs that once
+# failed: each must pass before fuzzing starts) and
+# $FUZZ_BUILD_DIR/corpus-<target>/ (what earlier runs found, kept between
+# runs, the only one written).  A finding is written to
 # $FUZZ_BUILD_DIR/artifacts/<target>-{crash,timeout,oom,leak}-*; the run
 # goes on with the other target and fails at the end.
 #
@@ -34,8 +36,9 @@
 #   CC              compiler (default clang-14)
 #
 # Exit status: 0 when no target found anything; 1 on a finding; 2 when the
-# targets could not be built.  The last line is "fuzz: N passed, N failed"
-# over the targets run (build: one failed).
+# targets could not be built.  The last line is "fuzz: all N targets passed"
+# or "fuzz: N of M targets failed" (not in the "N passed, N failed" form, so
+# that it is never taken for the closing line of scripts/test.sh).
 
 set -euo pipefail
 
@@ -61,13 +64,13 @@ build() {
         echo "fuzz: $CC not found (Debian package clang-14; scripts/setup.sh installs it)" >&2
         return 1
     fi
-    mkdir -p "$BUILD"
+    # (explicit returns: set -e does not apply in "if ! build")
+    mkdir -p "$BUILD" || return 1
+    rm -f "$BUILD/wal_reader_fuzz" "$BUILD/wal_framed_fuzz"
     "$CC" "${flags[@]}" -fsanitize=fuzzer,address,undefined \
-        "${srcs[@]}" -ljansson -o "$BUILD/wal_reader_fuzz.new"
+        "${srcs[@]}" -ljansson -o "$BUILD/wal_reader_fuzz" || return 1
     "$CC" "${flags[@]}" -fsanitize=fuzzer,address,undefined -DWAL_FUZZ_FRAMED \
-        "${srcs[@]}" -ljansson -o "$BUILD/wal_framed_fuzz.new"
-    mv "$BUILD/wal_reader_fuzz.new" "$BUILD/wal_reader_fuzz"
-    mv "$BUILD/wal_framed_fuzz.new" "$BUILD/wal_framed_fuzz"
+        "${srcs[@]}" -ljansson -o "$BUILD/wal_framed_fuzz" || return 1
     echo "fuzz: built $BUILD/wal_reader_fuzz and $BUILD/wal_framed_fuzz"
 }
 
@@ -92,14 +95,17 @@ options_of() {
 
 # fuzz TARGET SECONDS: runs in the background, log in $BUILD/<target>.log
 fuzz_one() {
-    local target=$1 seconds=$2 bin opts
+    local target=$1 seconds=$2 bin opts dirs
     bin=$(binary_of "$target")
     mapfile -t opts < <(options_of "$target" "$seconds")
     mkdir -p "$BUILD/corpus-$target" "$BUILD/artifacts"
+    dirs=("$BUILD/corpus-$target" "$FUZZ_DIR/corpus/$target")
+    if [ -d "$FUZZ_DIR/regressions/$target" ]; then
+        dirs+=("$FUZZ_DIR/regressions/$target")
+    fi
     # a hard stop well after libFuzzer's own, in case it cannot stop itself
     timeout --kill-after=10 $((seconds + 60)) \
-        "$bin" "${opts[@]}" "$BUILD/corpus-$target" "$FUZZ_DIR/corpus/$target" \
-        >"$BUILD/$target.log" 2>&1
+        "$bin" "${opts[@]}" "${dirs[@]}" >"$BUILD/$target.log" 2>&1
 }
 
 # one line about a finished run: executions, coverage, verdict
@@ -114,6 +120,8 @@ report_one() {
     fi
     echo "fuzz $target: FAILED (exit $rc) after ${runs:-?} executions, ${cov:-no coverage line}"
     grep -E '^\*\*\* wal_reader_fuzz|^==[0-9]+==ERROR|^SUMMARY|ALARM|out-of-memory|malloc\(' "$log" | head -n 8 | sed 's/^/    /'
+    # the input itself, for a CI log whose files are gone
+    grep -E '^Base64: ' "$log" | tail -n 1 | cut -c1-400 | sed 's/^/    /'
     if [ -n "$artifact" ]; then
         echo "    input: $artifact"
         echo "    reproduce: scripts/fuzz.sh repro $artifact"
@@ -125,7 +133,7 @@ report_one() {
 run() {
     local seconds=$1 target pids=() rcs=() i passed=0 failed=0
     if ! build; then
-        echo "fuzz: 0 passed, 1 failed"
+        echo "fuzz: the targets could not be built"
         exit 2
     fi
     echo "fuzz: running ${TARGETS} for ${seconds} s${WAL_FUZZ_SKIP:+ (skipping checks: $WAL_FUZZ_SKIP)}"
@@ -146,7 +154,11 @@ run() {
             failed=$((failed + 1))
         fi
     done
-    echo "fuzz: $passed passed, $failed failed"
+    if [ "$failed" -eq 0 ]; then
+        echo "fuzz: all $passed targets passed"
+    else
+        echo "fuzz: $failed of $((passed + failed)) targets failed"
+    fi
     [ "$failed" -eq 0 ]
 }
 
@@ -154,8 +166,8 @@ repro() {
     local f target rc=0
     build >/dev/null
     for f in "$@"; do
-        case $(basename "$f") in
-            framed-*) target=framed ;;
+        case $f in
+            framed-*|*/framed-*|*/framed/*) target=framed ;;
             *) target=raw ;;
         esac
         "$(binary_of "$target")" -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=30 "$f" || rc=1

@@ -78,7 +78,7 @@ SRC="$WORK/src"
 mkdir "$SRC"
 # The working tree as it is (tracked or not), minus .git and test leftovers.
 tar -C "$REPO_ROOT" \
-    --exclude=./.git \
+    --exclude=./.git --exclude=./fuzz/build \
     --exclude='./tmp_*' \
     --exclude=./results --exclude=./output_iso \
     --exclude=./regression.diffs --exclude=./regression.out \
@@ -265,6 +265,30 @@ else
     echo "--- TAP: $tap_passed passed, $tap_failed failed (unit: test file)"
     TOTAL_PASSED=$((TOTAL_PASSED + tap_passed))
     TOTAL_FAILED=$((TOTAL_FAILED + tap_failed))
+fi
+
+# ---------------------------------------------------------------- fuzz
+# The WAL segment reader under libFuzzer for a bounded time (scripts/fuzz.sh,
+# fuzz/README.md): one unit, failed when a target finds a crash, a hang, a
+# leak or a broken check, or cannot be built.  No server is involved, so it
+# runs as the invoking user (root in CI), with its build in the work dir.
+FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+echo
+echo "=== fuzz: WAL reader, ${FUZZ_SECONDS} s per target"
+set +e
+FUZZ_BUILD_DIR="$WORK/fuzz" timeout --kill-after=20 $((FUZZ_SECONDS + 180)) \
+    bash "$SRC/scripts/fuzz.sh" "$FUZZ_SECONDS" 2>&1 | tee "$WORK/fuzz.log"
+FUZZ_RC=${PIPESTATUS[0]}
+set -e
+if [ "$FUZZ_RC" -eq 0 ]; then
+    echo "--- fuzz: 1 passed, 0 failed"
+    TOTAL_PASSED=$((TOTAL_PASSED + 1))
+else
+    if [ "$FUZZ_RC" -eq 124 ] || [ "$FUZZ_RC" -eq 137 ]; then
+        echo "*** timed out"
+    fi
+    echo "--- fuzz: 0 passed, 1 failed (exit $FUZZ_RC; run scripts/fuzz.sh to reproduce)"
+    TOTAL_FAILED=$((TOTAL_FAILED + 1))
 fi
 
 # ---------------------------------------------------------------- report

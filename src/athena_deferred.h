@@ -294,8 +294,7 @@ extern Size notify_shmem_size(void);
 extern int	notify_invalidations_since(int64 since, InvalidationSlot *out,
 									   int64 *oldest, int64 *last);
 extern void notify_shmem_init(void);
-extern int64 notify_count(void);
-extern int64 notify_latest_flush(void);
+extern void notify_counters(int64 *notifications, int64 *latest_flush);
 extern void notify_at_commit(void);
 extern void notify_at_abort(void);
 extern NotifyTally *notify_tally_create(void);

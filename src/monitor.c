@@ -71,6 +71,8 @@ deferred_stats(PG_FUNCTION_ARGS)
 	bool		nulls[STATS_COLUMNS] = {0};
 	TimestampTz oldest;
 	int64		hist[FLUSH_HISTOGRAM];
+	int64		notifications;
+	int64		latest_flush;
 
 	check_loaded();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -100,8 +102,9 @@ deferred_stats(PG_FUNCTION_ARGS)
 	LWLockRelease(q->lock);
 	values[17] = Float8GetDatum(histogram_percentile(hist, 0.5));
 	values[18] = Float8GetDatum(histogram_percentile(hist, 0.99));
-	values[19] = Int64GetDatum(notify_count());
-	values[20] = Int64GetDatum(notify_latest_flush());
+	notify_counters(&notifications, &latest_flush);
+	values[19] = Int64GetDatum(notifications);
+	values[20] = Int64GetDatum(latest_flush);
 
 	/* version 0.1.0 of the SQL declares only the first 14 columns */
 	if (tupdesc->natts > STATS_COLUMNS)

@@ -268,28 +268,17 @@ notify_tally_send(NotifyTally *tally)
 	}
 }
 
-/* Number of the latest flush: where a new listener starts */
-int64
-notify_latest_flush(void)
+/*
+ * For deferred_stats(): notifications queued so far, and the number of the
+ * latest flush (where a new listener starts)
+ */
+void
+notify_counters(int64 *notifications, int64 *latest_flush)
 {
-	int64		n;
-
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
-	n = notify_shared->last_flush;
+	*notifications = notify_shared->notifications;
+	*latest_flush = notify_shared->last_flush;
 	LWLockRelease(deferred_shared->lock);
-	return n;
-}
-
-/* Notifications queued so far, for deferred_stats() */
-int64
-notify_count(void)
-{
-	int64		n;
-
-	LWLockAcquire(deferred_shared->lock, LW_SHARED);
-	n = notify_shared->notifications;
-	LWLockRelease(deferred_shared->lock);
-	return n;
 }
 
 /*

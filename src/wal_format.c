@@ -15,6 +15,9 @@
 
 #include "wal_format.h"
 
+/* payload bytes a scan may checksum in vain, per byte of the segment */
+#define WAL_SCAN_BUDGET		16
+
 static pg_crc32c
 crc_of(const void *data, size_t len)
 {
@@ -41,9 +44,21 @@ wal_record_frame(char *dst, const char *payload, uint32 len)
 	memset(dst + WAL_RECORD_HEADER + len, 0, total - WAL_RECORD_HEADER - len);
 }
 
-/* Does a whole, undamaged record start at off?  Sets *len to its payload. */
+/*
+ * Does a whole, undamaged record start at off?  Sets *len to its payload.
+ *
+ * *budget is how many more payload bytes may be checksummed for headers
+ * whose payload then fails its checksum.  Damage can hold any number of
+ * headers that pass their own CRC (copies of one, say), each claiming a
+ * long payload; checking every one of them would take time quadratic in
+ * the segment size.  Real damage wastes about the segment size at most (a
+ * header's claimed payload is its own record, or stale bytes of a failed
+ * write that the next write went over), so the budget is a multiple of it;
+ * once it is spent no record is recognised any more: the rest of the
+ * segment is damage.
+ */
 static bool
-record_at(const char *buf, size_t size, size_t off, uint32 *len)
+record_at(const char *buf, size_t size, size_t off, uint32 *len, size_t *budget)
 {
 	uint32		hdr[4];
 
@@ -54,10 +69,13 @@ record_at(const char *buf, size_t size, size_t off, uint32 *len)
 		return false;
 	if (crc_of(hdr, 3 * sizeof(uint32)) != hdr[3])
 		return false;
-	if (hdr[1] > size - off - WAL_RECORD_HEADER)
+	if (hdr[1] > size - off - WAL_RECORD_HEADER || *budget == 0)
 		return false;
 	if (crc_of(buf + off + WAL_RECORD_HEADER, hdr[1]) != hdr[2])
+	{
+		*budget -= Min(*budget, hdr[1]);
 		return false;
+	}
 	*len = hdr[1];
 	return true;
 }
@@ -83,6 +101,7 @@ wal_scan_segment(const char *buf, size_t size, bool last_segment,
 				 void *arg, WalScanStats *stats)
 {
 	size_t		off = 0;
+	size_t		budget = size > SIZE_MAX / WAL_SCAN_BUDGET ? SIZE_MAX : size * WAL_SCAN_BUDGET;
 
 	while (off + 8 <= size)
 	{
@@ -97,8 +116,10 @@ wal_scan_segment(const char *buf, size_t size, bool last_segment,
 			continue;
 		}
 
-		if (record_at(buf, size, off, &len))
+		if (record_at(buf, size, off, &len, &budget))
 		{
+			size_t		rsize = Min(wal_record_size(len), size - off);
+
 			rec = json_loadb(buf + off + WAL_RECORD_HEADER, len, JSON_REJECT_DUPLICATES, &err);
 			if (rec != NULL && json_is_object(rec))
 			{
@@ -110,17 +131,17 @@ wal_scan_segment(const char *buf, size_t size, bool last_segment,
 				/* checksums match but it is not ours: count it as damage */
 				json_decref(rec);
 				stats->corrupt++;
-				stats->bad_bytes += wal_record_size(len);
-				on_damage(arg, false, off, wal_record_size(len));
+				stats->bad_bytes += rsize;
+				on_damage(arg, false, off, rsize);
 			}
-			off += Min(wal_record_size(len), size - off);
+			off += rsize;
 			continue;
 		}
 
 		/* damage: look for the next record that checks out */
 		for (next = off + 8; next + WAL_RECORD_HEADER <= size; next += 8)
 		{
-			if (record_at(buf, size, next, &len))
+			if (record_at(buf, size, next, &len, &budget))
 				break;
 		}
 		if (next + WAL_RECORD_HEADER > size)
@@ -155,9 +176,12 @@ wal_scan_segment(const char *buf, size_t size, bool last_segment,
 			;
 		if (i < size)
 		{
-			stats->torn++;
+			if (last_segment)
+				stats->torn++;
+			else
+				stats->corrupt++;
 			stats->bad_bytes += size - off;
-			on_damage(arg, true, off, size - off);
+			on_damage(arg, last_segment, off, size - off);
 		}
 	}
 }
