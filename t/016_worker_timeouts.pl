@@ -33,6 +33,9 @@ $locker->query_safe('BEGIN');
 $locker->query_safe('LOCK TABLE locked IN SHARE MODE');
 $node->safe_psql('postgres', q{SELECT deferred_insert('locked', '{"id": 1}')});
 $node->safe_psql('postgres', q{SELECT deferred_insert('free', '{"id": 1}')});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred' AND query LIKE 'flushing % entries into public.locked'}),
+	'pg_stat_activity shows what the worker is flushing');
 ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM free'), 'the entry behind the blocked one is applied');
 ok($node->wait_for_log(qr/entry \d+ failed \(attempt \d+ of 1000\), will retry: canceling statement due to lock timeout/),
 	'the blocked entry failed on lock_timeout and will be retried');
@@ -49,6 +52,9 @@ ok($node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM deferred_dead_
 	'the hanging entry was dead-lettered');
 is($node->safe_psql('postgres', q{SELECT sqlstate FROM deferred_dead_letters WHERE target = 'public.slow'}), '57014',
 	'with the statement_timeout error');
+ok($node->log_contains(qr/LOG:  athena_deferred: entry \d+ \(insert on slow\) dead-lettered after 2 attempts: canceling statement due to statement timeout/),
+	'a LOG line names the table and the error');
+ok(!$node->log_contains(qr/(LOG|WARNING):  athena_deferred.*"id": 1/), 'and no payload is logged');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM free'), '2', 'the entry queued after it was applied');
 is($node->safe_psql('postgres', q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'athena_deferred'}),
 	$worker_pid, 'the same worker survived all of it');
