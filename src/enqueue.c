@@ -631,11 +631,6 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 				staged_npositions = n;
 
 				/*
-				 * Logged, and durable per wal_sync, before the commit
-				 * returns.  If the write fails part way, the abort writes a
-				 * marker for whatever reached the log.
-				 */
-				/*
 				 * A transaction that also wrote has an xid, and recovery asks
 				 * the commit log about it: its records must be in
 				 * PostgreSQL's WAL first, or after a crash the xid could be
@@ -644,6 +639,11 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 				if (TransactionIdIsValid(xid) && XactLastRecEnd != 0)
 					XLogFlush(XactLastRecEnd);
 
+				/*
+				 * Logged, and durable per wal_sync, before the commit
+				 * returns.  If the write fails part way, the abort writes a
+				 * marker for whatever reached the log.
+				 */
 				deferred_fault("before_wal_write");
 				staged_logged = deferred_wal_enabled;
 				wal_end = wal_append(staged_entries, n);
