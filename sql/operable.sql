@@ -27,6 +27,9 @@ ROLLBACK;
 -- a rolled-back entry will never be applied
 SELECT deferred_wait(:e4);
 
+-- an entry still pending when the timeout passes is an error
+SELECT deferred_wait(:e1, 0);
+
 -- it waits until the entry is settled (applied or dead-lettered)
 SELECT deferred_wait(:e1, 10000), deferred_wait(:e3, 10000);
 SELECT * FROM op ORDER BY id;
