@@ -50,6 +50,8 @@ SELECT label, try(stmt) AS error FROM (VALUES
     ('sequence',              $$SELECT deferred_insert('v_seq', '{"last_value": 1}')$$),
     ('system catalog',        $$SELECT deferred_insert('pg_class', '{"relname": "x"}')$$),
     ('temporary table',       $$SELECT deferred_insert('v_temp', '{"id": 1}')$$),
+    ('10000 unknown keys',    $$SELECT deferred_insert('v', (SELECT jsonb_object_agg('k' || g, g) FROM generate_series(1, 10000) g))$$),
+    ('deeply nested value',   $$SELECT deferred_insert('v', ('{"name": ' || repeat('[', 100000) || repeat(']', 100000) || '}')::jsonb)$$),
     ('65536 runs of columns', $$SELECT deferred_insert('v', (SELECT jsonb_agg(CASE WHEN g % 2 = 0 THEN jsonb_build_object('id', g)
                                                             ELSE jsonb_build_object('name', 'x') END) FROM generate_series(1, 65537) g))$$)
 ) AS cases(label, stmt);
