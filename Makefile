@@ -22,3 +22,7 @@ TAP_TESTS = 1
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# every part includes the shared headers: rebuild all when they change
+# (PGXS does not track header dependencies)
+$(OBJS): src/athena_deferred.h src/wal_format.h

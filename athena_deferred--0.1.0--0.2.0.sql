@@ -3,6 +3,11 @@
 
 \echo Use "ALTER EXTENSION athena_deferred UPDATE TO '0.2.0'" to load this file. \quit
 
+-- Entry ids are handed out in blocks of the sequence's increment, so that
+-- a call rarely runs nextval (which takes an xid and a WAL flush when it
+-- logs).  Ids stay unique and increasing.
+ALTER SEQUENCE deferred_entry_id_seq INCREMENT BY 1024;
+
 -- deferred_stats() grows; a view over it for scrapers
 DROP FUNCTION deferred_stats();
 CREATE FUNCTION deferred_stats(

@@ -2,8 +2,15 @@
 -- deferred_wait(), deferred_invalidations(), dead-letter requeue and
 -- discard, and the deferred_stats view.
 CREATE TABLE op (id int PRIMARY KEY, v text);
--- entry ids in the messages below do not depend on the tests before
-SELECT setval('deferred_entry_id_seq', 1000);
+-- errors as SQLSTATE and message, with entry ids masked: they depend on
+-- the tests before
+CREATE FUNCTION try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM, '\d+', 'N', 'g');
+END $$;
 CREATE ROLE athena_reader;
 GRANT SELECT, INSERT ON op TO athena_reader;
 
@@ -22,13 +29,13 @@ RESET ROLE;
 -- deferred_wait(): an entry of the current transaction cannot be waited for
 BEGIN;
 SELECT deferred_insert('op', '{"id": 3}') AS e4 \gset
-SELECT deferred_wait(:e4);
+SELECT try('SELECT deferred_wait(' || :e4 || ')');
 ROLLBACK;
 -- a rolled-back entry will never be applied
-SELECT deferred_wait(:e4);
+SELECT try('SELECT deferred_wait(' || :e4 || ')');
 
 -- an entry still pending when the timeout passes is an error
-SELECT deferred_wait(:e1, 0);
+SELECT try('SELECT deferred_wait(' || :e1 || ', 0)');
 
 -- it waits until the entry is settled (applied or dead-lettered)
 SELECT deferred_wait(:e1, 10000), deferred_wait(:e3, 10000);
@@ -55,8 +62,8 @@ SELECT deferred_insert('op', '{"id": 20}') AS bad2 \gset
 SELECT deferred_wait(:bad2, 10000);
 SELECT deferred_discard(:bad2);
 SELECT count(*) FROM deferred_dead_letters WHERE id = :bad2;
-SELECT deferred_discard(:bad2);
-SELECT deferred_requeue(:bad2);
+SELECT try('SELECT deferred_discard(' || :bad2 || ')');
+SELECT try('SELECT deferred_requeue(' || :bad2 || ')');
 
 -- dead letters can only be handled by roles allowed to read them
 SELECT deferred_insert('op', '{"id": 20}') AS bad3 \gset
@@ -97,3 +104,4 @@ FROM deferred_stats;
 
 DROP TABLE op;
 DROP ROLE athena_reader;
+DROP FUNCTION try(text);

@@ -40,6 +40,7 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
+#include "storage/spin.h"
 
 #define ATHENA_EXTENSION_NAME	"athena_deferred"
 
@@ -155,6 +156,11 @@ typedef struct DeferredShared
 	uint64		next_qseq;		/* next commit-order sequence number */
 	uint64		settled_qseq;	/* every entry below this is settled */
 	uint64		progress_upto;	/* worker only: applied_upto last recorded */
+
+	/* entry ids handed out from a block of the id sequence (enqueue.c) */
+	slock_t		id_mutex;
+	int64		next_id;		/* id_mutex */
+	int64		id_limit;		/* id_mutex: end of the block */
 
 	/* counters for deferred_stats() */
 	int64		pending;		/* published, not yet settled */

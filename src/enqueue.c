@@ -26,6 +26,7 @@
 #include "catalog/catalog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_sequence.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "commands/sequence.h"
@@ -249,10 +250,29 @@ object_argument(Jsonb *jb, const char *argname)
 	return &jb->root;
 }
 
-/* Next entry id, from the extension's sequence */
+/*
+ * Next entry id.  Ids come from the extension's sequence in blocks of its
+ * increment (1024 since version 0.2.0), handed out one by one from shared
+ * memory: one nextval -- which WAL-logs now and then, and so takes an xid
+ * and a WAL flush at commit -- per block rather than per call.  A block's
+ * start is durable before any of its ids is acknowledged: a transaction
+ * with an xid flushes PostgreSQL's WAL before writing ours (pre-commit).
+ * After a restart shared memory is empty and the next block starts past
+ * every block handed out before.
+ */
 static int64
 next_entry_id(void)
 {
+	DeferredShared *q = deferred_shared;
+	int64		id = 0;
+
+	SpinLockAcquire(&q->id_mutex);
+	if (q->next_id < q->id_limit)
+		id = q->next_id++;
+	SpinLockRelease(&q->id_mutex);
+	if (id != 0)
+		return id;
+
 	if (!OidIsValid(id_sequence_oid) ||
 		!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(id_sequence_oid)))
 	{
@@ -261,7 +281,33 @@ next_entry_id(void)
 		if (!OidIsValid(id_sequence_oid))
 			elog(ERROR, "sequence deferred_entry_id_seq of athena_deferred is missing");
 	}
-	return nextval_internal(id_sequence_oid, false);
+
+	/* refill under the queue lock, so that only one backend takes a block */
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	SpinLockAcquire(&q->id_mutex);
+	if (q->next_id < q->id_limit)
+		id = q->next_id++;
+	SpinLockRelease(&q->id_mutex);
+	if (id == 0)
+	{
+		HeapTuple	seqtuple = SearchSysCache1(SEQRELID, ObjectIdGetDatum(id_sequence_oid));
+		int64		increment;
+		int64		start;
+
+		if (!HeapTupleIsValid(seqtuple))
+			elog(ERROR, "cache lookup failed for sequence %u", id_sequence_oid);
+		increment = Max(((Form_pg_sequence) GETSTRUCT(seqtuple))->seqincrement, 1);
+		ReleaseSysCache(seqtuple);
+
+		start = nextval_internal(id_sequence_oid, false);
+		SpinLockAcquire(&q->id_mutex);
+		q->next_id = start + 1;
+		q->id_limit = start + increment;
+		SpinLockRelease(&q->id_mutex);
+		id = start;
+	}
+	LWLockRelease(q->lock);
+	return id;
 }
 
 /*

@@ -76,6 +76,7 @@ queue_shmem_init(DeferredShared *shared, bool found)
 	shared->capacity = (uint64) deferred_queue_size_kb * 1024;
 	shared->next_qseq = 1;
 	shared->settled_qseq = 1;
+	SpinLockInit(&shared->id_mutex);
 	pg_atomic_init_u64(&shared->wal_flushed_pos, 0);
 	ConditionVariableInit(&shared->space_cv);
 	ConditionVariableInit(&shared->settled_cv);
