@@ -6,6 +6,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib $FindBin::Bin;
+use AthenaDeferredTest;
 
 my $node = PostgreSQL::Test::Cluster->new('crash');
 $node->init;
@@ -66,17 +69,7 @@ is($node->safe_psql('postgres', 'SELECT recovered_entries FROM deferred_stats()'
 $node->safe_psql('postgres',
 	"SELECT count(deferred_insert('t', jsonb_build_object('id', g, 'mode', 'kill9'))) FROM generate_series(1, $n) g");
 $node->kill9;
-# the killed postmaster's children leave on their own; start once they have
-my $started = 0;
-for (1 .. 60)
-{
-	$started = PostgreSQL::Test::Utils::system_log('pg_ctl', '-D', $node->data_dir, '-l',
-		$node->logfile, '-w', 'start') == 0;
-	last if $started;
-	sleep(1);
-}
-ok($started, 'restarted after kill -9');
-$node->_update_pid(1);
+ok(start_after_kill9($node), 'restarted after kill -9');
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(rows_for('kill9'), "$n|$n", 'every entry applied exactly once after kill -9 of the postmaster');
 

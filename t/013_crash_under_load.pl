@@ -9,6 +9,9 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use IPC::Run;
+use FindBin;
+use lib $FindBin::Bin;
+use AthenaDeferredTest;
 
 my $node = PostgreSQL::Test::Cluster->new('load');
 $node->init;
@@ -63,21 +66,6 @@ sub wait_until_applied
 	  or die "round $round never got going";
 }
 
-sub start_after_kill9
-{
-	for (1 .. 60)
-	{
-		if (PostgreSQL::Test::Utils::system_log('pg_ctl', '-D', $node->data_dir, '-l',
-				$node->logfile, '-w', 'start') == 0)
-		{
-			$node->_update_pid(1);
-			return 1;
-		}
-		sleep(1);
-	}
-	return 0;
-}
-
 sub check_round
 {
 	my ($round, $acked, $what) = @_;
@@ -95,7 +83,7 @@ my ($h, $out, $err) = start_load(1);
 wait_until_applied(1, 500);
 $node->kill9;
 $h->finish;
-ok(start_after_kill9(), 'server restarted after kill -9');
+ok(start_after_kill9($node), 'server restarted after kill -9');
 check_round(1, acked($out), 'postmaster killed');
 
 # round 2: SIGKILL one client backend; the postmaster resets everything

@@ -1,0 +1,31 @@
+# Helpers shared by the TAP tests of athena_deferred.
+package AthenaDeferredTest;
+
+use strict;
+use warnings;
+use Exporter 'import';
+use PostgreSQL::Test::Utils;
+
+our @EXPORT = qw(start_after_kill9);
+
+# Start a node whose postmaster was killed with SIGKILL: its children leave
+# on their own, and the server cannot start before they have.  Returns
+# true once it runs.
+sub start_after_kill9
+{
+	my ($node) = @_;
+
+	for (1 .. 60)
+	{
+		if (PostgreSQL::Test::Utils::system_log('pg_ctl', '-D', $node->data_dir, '-l',
+				$node->logfile, '-w', 'start') == 0)
+		{
+			$node->_update_pid(1);
+			return 1;
+		}
+		sleep(1);
+	}
+	return 0;
+}
+
+1;
