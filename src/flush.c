@@ -242,40 +242,66 @@ dead_letter(const char *schema, const DeferredEntry *entry, ErrorData *edata)
 }
 
 /*
+ * Run fn(arg) in a subtransaction.  Returns NULL if it succeeded, else its
+ * error (in the caller's memory context), the subtransaction rolled back.
+ */
+static ErrorData *
+run_in_subxact(void (*fn) (void *), void *arg)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		fn(arg);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return edata;
+}
+
+typedef struct DeadLetterArgs
+{
+	const char *schema;
+	const DeferredEntry *entry;
+	ErrorData  *cause;
+} DeadLetterArgs;
+
+static void
+dead_letter_fn(void *arg)
+{
+	DeadLetterArgs *a = arg;
+
+	dead_letter(a->schema, a->entry, a->cause);
+}
+
+/*
  * Dead-letter an entry in a subtransaction: if that fails (the flush must
  * not), the entry stays queued and the next flush tries again.
  */
 static bool
 dead_letter_in_subxact(const char *schema, const DeferredEntry *entry, ErrorData *cause)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool done = false;
+	DeadLetterArgs args = {schema, entry, cause};
+	ErrorData  *edata = run_in_subxact(dead_letter_fn, &args);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		dead_letter(schema, entry, cause);
-		ReleaseCurrentSubTransaction();
-		done = true;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
+	if (edata != NULL)
 		ereport(WARNING,
 				(errmsg("athena_deferred: could not dead-letter entry " INT64_FORMAT ", it stays queued: %s",
 						entry->id, edata->message)));
-	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(cxt);
-	CurrentResourceOwner = owner;
-	return done;
+	return edata == NULL;
 }
 
 /*
@@ -325,6 +351,51 @@ apply_batch(DeferredEntry **batch, int count, const char *relname)
 					  PointerGetDatum(cstring_to_text_with_len(rows.data, rows.len)));
 }
 
+typedef struct BatchArgs
+{
+	DeferredEntry **batch;
+	int			count;
+	int64		rows;			/* out: rows touched */
+} BatchArgs;
+
+/* Apply a batch as its queuing role; run in a subtransaction */
+static void
+apply_batch_as_role(void *arg)
+{
+	BatchArgs  *a = arg;
+	const DeferredEntry *entry = a->batch[0];
+	Oid			save_userid;
+	int			save_sec;
+	int			gucnest;
+	char	   *relname;
+
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(entry->roleid)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role with OID %u that queued this entry no longer exists",
+						entry->roleid)));
+	relname = target_name_locked(entry->relid);
+
+	/*
+	 * Settings the entry's triggers or defaults change (search_path,
+	 * TimeZone, ...) must not outlive it: they would reach later entries of
+	 * other roles and the worker's own statements.  Hence a GUC nest level,
+	 * always rolled back.  (On error the subtransaction's abort restores
+	 * them and the user id.)
+	 */
+	gucnest = NewGUCNestLevel();
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	if (deferred_statement_timeout_ms > 0)
+		enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
+	a->rows = apply_batch(a->batch, a->count, relname);
+	disable_timeout(STATEMENT_TIMEOUT, false);
+	/* a cancel the timer raised just before it was disabled fails this batch */
+	CHECK_FOR_INTERRUPTS();
+	SetUserIdAndSecContext(save_userid, save_sec);
+	AtEOXact_GUC(false, gucnest);
+}
+
 /*
  * Apply a batch in a subtransaction as its queuing role.  Returns NULL on
  * success, else the error (in the caller's memory context).
@@ -332,63 +403,13 @@ apply_batch(DeferredEntry **batch, int count, const char *relname)
 static ErrorData *
 apply_in_subxact(DeferredEntry **batch, int count, NotifyTally *tally)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	const DeferredEntry *entry = batch[0];
-	ErrorData  *volatile edata = NULL;
+	BatchArgs	args = {batch, count, 0};
+	ErrorData  *edata = run_in_subxact(apply_batch_as_role, &args);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		Oid			save_userid;
-		int			save_sec;
-		int			gucnest;
-		char	   *relname;
-		int64		rows;
-
-		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(entry->roleid)))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("role with OID %u that queued this entry no longer exists",
-							entry->roleid)));
-		relname = target_name_locked(entry->relid);
-
-		/*
-		 * Settings the entry's triggers or defaults change (search_path,
-		 * TimeZone, ...) must not outlive it: they would reach later entries
-		 * of other roles and the worker's own statements.  Hence a GUC nest
-		 * level, always rolled back.
-		 */
-		gucnest = NewGUCNestLevel();
-		GetUserIdAndSecContext(&save_userid, &save_sec);
-		SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-		if (deferred_statement_timeout_ms > 0)
-			enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
-		rows = apply_batch(batch, count, relname);
+	if (edata != NULL)
 		disable_timeout(STATEMENT_TIMEOUT, false);
-		/* a cancel the timer raised just before it was disabled fails this batch */
-		CHECK_FOR_INTERRUPTS();
-		SetUserIdAndSecContext(save_userid, save_sec);
-		AtEOXact_GUC(false, gucnest);
-
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-		notify_tally_add(tally, entry->relid, entry->op, count, rows);
-	}
-	PG_CATCH();
-	{
-		/* the subtransaction's abort restores the user id */
-		disable_timeout(STATEMENT_TIMEOUT, false);
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-	}
-	PG_END_TRY();
+	else
+		notify_tally_add(tally, batch[0]->relid, batch[0]->op, count, args.rows);
 	return edata;
 }
 

@@ -113,6 +113,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		int			handled = 0;
 		int			settled = 0;
 		long		timeout;
+		long		sync_in;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -151,8 +152,9 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		else
 			timeout = deferred_batch_window_ms > 0 ? deferred_batch_window_ms : -1;
 		/* with wal_sync = batch, wake up for the background fsync too */
-		if (wal_sync_due_in() >= 0 && (timeout < 0 || wal_sync_due_in() < timeout))
-			timeout = wal_sync_due_in();
+		sync_in = wal_sync_due_in();
+		if (sync_in >= 0 && (timeout < 0 || sync_in < timeout))
+			timeout = sync_in;
 
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),
