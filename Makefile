@@ -1,7 +1,7 @@
 # athena_deferred: built with PGXS
 PG_CONFIG ?= pg_config
 MODULE_big = athena_deferred
-OBJS = src/athena_deferred.o src/enqueue.o src/entry.o src/queue.o src/wal_format.o src/wal.o src/worker.o src/recovery.o src/flush.o src/notify.o src/monitor.o
+OBJS = src/athena_deferred.o src/enqueue.o src/entry.o src/queue.o src/wal_format.o src/wal.o src/launcher.o src/worker.o src/recovery.o src/flush.o src/notify.o src/monitor.o
 
 EXTENSION = athena_deferred
 DATA = athena_deferred--0.1.0.sql athena_deferred--0.1.0--0.2.0.sql

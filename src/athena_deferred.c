@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * athena_deferred.c
- *		Start-up: settings, shared memory, the background worker.
+ *		Start-up: settings, shared memory, the launcher.
  *
  * The library must be loaded through shared_preload_libraries, since its
  * queue lives in shared memory allocated at server start.  No SQL work is
@@ -22,7 +22,9 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "catalog/indexing.h"
+#include "catalog/objectaccess.h"
 #include "catalog/pg_extension.h"
+#include "commands/extension.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
@@ -37,6 +39,8 @@
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
+
+static object_access_hook_type prev_object_access_hook = NULL;
 
 /* Settings: see the README for what each one does */
 bool		deferred_enabled = true;
@@ -170,9 +174,9 @@ deferred_define_settings(void)
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("athena_deferred.database",
-							   "Database the worker connects to; mutations can be queued only there.",
-							   NULL,
-							   &deferred_database, "postgres",
+							   "If set, mutations can be queued only in this database.",
+							   "Empty (the default): in every database where the extension is installed.",
+							   &deferred_database, "",
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("athena_deferred.wal_enabled",
@@ -226,6 +230,36 @@ deferred_define_settings(void)
 	MarkGUCPrefixReserved(ATHENA_EXTENSION_NAME);
 }
 
+/*
+ * DROP EXTENSION (directly, or through DROP SCHEMA ... CASCADE) while this
+ * database has entries in the queue would leave acknowledged mutations
+ * with nothing to apply them: refuse it.
+ */
+static void
+deferred_object_access(ObjectAccessType access, Oid classId, Oid objectId,
+					   int subId, void *arg)
+{
+	if (prev_object_access_hook)
+		prev_object_access_hook(access, classId, objectId, subId, arg);
+
+	if (access == OAT_DROP && classId == ExtensionRelationId && deferred_shared != NULL)
+	{
+		char	   *name = get_extension_name(objectId);
+		int64		pending;
+
+		if (name == NULL || strcmp(name, ATHENA_EXTENSION_NAME) != 0)
+			return;
+		pending = queue_database_pending();
+		if (pending > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_IN_USE),
+					 errmsg("cannot drop extension athena_deferred while entries of this database are queued"),
+					 errdetail("Pending entries: " INT64_FORMAT ". Dropping the extension would leave acknowledged mutations unapplied.",
+							   pending),
+					 errhint("Apply them first with SELECT deferred_flush(); entries that keep failing end in deferred_dead_letters.")));
+	}
+}
+
 /* Module load: refuse anything but shared_preload_libraries */
 void
 _PG_init(void)
@@ -243,8 +277,11 @@ _PG_init(void)
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = deferred_shmem_startup;
 
+	prev_object_access_hook = object_access_hook;
+	object_access_hook = deferred_object_access;
+
 	enqueue_init();
-	deferred_register_worker();
+	deferred_register_launcher();
 }
 
 /* Name of an operation, as in payloads, dead letters and notifications */

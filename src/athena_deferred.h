@@ -11,9 +11,12 @@
  *				queue makes a caller wait); at pre-commit the entries of the
  *				transaction get their queue positions, at commit they are
  *				published, on abort they are cancelled.
- *	queue.c		the shared ring of entries.
- *	worker.c	the background worker's loop: timer, size trigger, flush
- *				requests.
+ *	queue.c		the shared ring of entries, and one slot per database that
+ *				has entries in it.
+ *	wal.c		the extension's own WAL; recovery.c replays it at start.
+ *	launcher.c	the launcher: starts one worker per database with entries,
+ *				and does the WAL's background work.
+ *	worker.c	a database's worker: timer, size trigger, flush requests.
  *	flush.c		applies published entries through SPI as the queuing role,
  *				retries, dead letters, and records its progress in the same
  *				transaction.
@@ -36,6 +39,7 @@
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
+#include "postmaster/bgworker.h"
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
@@ -70,7 +74,8 @@ typedef enum DeferredState
 	ENTRY_PUBLISHED = 2,		/* committed, waiting for the worker */
 	ENTRY_CANCELLED = 3,		/* its transaction aborted after pre-commit */
 	ENTRY_DONE = 4,				/* applied */
-	ENTRY_DEAD = 5				/* moved to deferred_dead_letters */
+	ENTRY_DEAD = 5,				/* moved to deferred_dead_letters */
+	ENTRY_DISCARDED = 6			/* its database was dropped */
 } DeferredState;
 
 /* What deferred_wait() can learn about an entry id */
@@ -142,6 +147,31 @@ typedef struct DeferredPart
 	uint32		textlen;		/* bytes of the JSON text */
 } DeferredPart;
 
+/*
+ * Databases that have entries in the queue, or a worker, at most this many
+ * at a time
+ */
+#define DEFERRED_MAX_DATABASES	64
+
+/*
+ * One database with entries in the queue (queue.c).  A slot is taken by the
+ * first call in a database and freed by the launcher once the database has
+ * neither entries nor a worker.  Guarded by DeferredShared->lock.
+ */
+typedef struct DeferredDatabase
+{
+	Oid			dbid;			/* InvalidOid: slot free */
+	Latch	   *worker_latch;	/* the database's worker, NULL if none */
+	int64		pending;		/* published, not yet settled */
+	uint64		bytes;			/* accounted, reserved or pending: its share */
+	TimestampTz waiting_since;	/* a caller last found no room, or 0 */
+	uint64		flush_requested_qseq;	/* deferred_flush() wants entries
+										 * below this settled */
+	/* recovery: the worker reports from which qseq its entries may be pending */
+	bool		progress_reported;
+	uint64		keep_from;
+} DeferredDatabase;
+
 /* The shared state, followed in shared memory by the ring itself */
 typedef struct DeferredShared
 {
@@ -155,7 +185,6 @@ typedef struct DeferredShared
 
 	uint64		next_qseq;		/* next commit-order sequence number */
 	uint64		settled_qseq;	/* every entry below this is settled */
-	uint64		progress_upto;	/* worker only: applied_upto last recorded */
 
 	/* entry ids handed out from a block of the id sequence (enqueue.c) */
 	slock_t		id_mutex;
@@ -168,6 +197,7 @@ typedef struct DeferredShared
 	int64		applied;
 	int64		failed_attempts;
 	int64		dead_lettered;
+	int64		discarded;		/* entries of dropped databases */
 	int64		flushes;
 	TimestampTz last_flush_at;
 	int64		last_flush_us;	/* duration of the latest flush */
@@ -179,9 +209,9 @@ typedef struct DeferredShared
 	OutcomeSlot outcomes[OUTCOME_SLOTS];
 	ErrorSlot	errors[ERROR_SLOTS];
 
-	uint64		flush_requested_qseq;	/* deferred_flush() wants this settled */
-	Latch	   *worker_latch;	/* NULL while no worker runs */
-	bool		recovered;		/* the worker has replayed the WAL; until
+	DeferredDatabase databases[DEFERRED_MAX_DATABASES];
+	Latch	   *launcher_latch; /* NULL while the launcher is not running */
+	bool		recovered;		/* the launcher has replayed the WAL; until
 								 * then calls wait (queue_account) */
 
 	/* recovery counters, set once by the worker */
@@ -199,7 +229,7 @@ typedef struct DeferredShared
 	uint64		wal_insert_pos; /* next byte: segno * segment size + offset */
 	pg_atomic_uint64 wal_flushed_pos;	/* fsynced up to here */
 	TimestampTz wal_last_sync;	/* wal_flush_lock */
-	uint64		wal_oldest_segno;	/* worker only: oldest segment kept */
+	uint64		wal_oldest_segno;	/* launcher only: oldest segment kept */
 	int64		wal_bytes;		/* written since start */
 	int64		wal_segments;	/* segment files in the directory */
 	uint64		seg_segno[WAL_SEGMENT_SLOTS];	/* which segment a slot tracks */
@@ -252,9 +282,15 @@ extern void queue_note_rolled_back(const int64 *ids, int nids);
 extern EntryOutcome queue_outcome(int64 id, bool *too_old);
 extern TimestampTz queue_oldest_pending(void);
 extern List *queue_unsettled_below(uint64 from_pos, uint64 upto);
-extern void queue_wake_worker(void);
+extern void queue_wake_worker(Oid dbid);
+extern void queue_wake_launcher(void);
 extern void queue_restore(DeferredEntry **entries, int nentries,
 						  uint64 next_qseq);
+extern uint64 queue_request_flush(void);
+extern bool queue_flushed(uint64 target);
+extern int64 queue_database_pending(void);
+extern DeferredDatabase *queue_database_slot(Oid dbid, bool create);
+extern int64 queue_discard_database(Oid dbid);
 
 /* wal.c */
 extern uint64 wal_append(DeferredEntry **entries, int nentries);
@@ -268,7 +304,11 @@ extern char *wal_segment_path(uint64 segno);
 extern uint64 wal_segment_bytes(void);
 
 /* recovery.c */
-extern bool recovery_run(void);
+extern void recovery_scan(void);
+extern List *recovery_databases(void);
+extern void recovery_restore(void);
+extern bool recovery_report_progress(void);
+extern void recovery_reconcile(void);
 
 /* flush.c; Progress is what deferred_progress says */
 typedef struct Progress
@@ -279,6 +319,7 @@ typedef struct Progress
 	int32	   *retry_attempts;
 } Progress;
 
+extern uint64 flush_progress_upto;
 extern char *flush_extension_schema(void);
 extern void flush_read_progress(const char *schema, Progress *p);
 extern void flush_apply_entry(const DeferredEntry *entry, const char *relname,
@@ -311,8 +352,12 @@ extern void notify_tally_send(NotifyTally *tally);
 /* enqueue.c */
 extern bool enqueue_staged(int64 id);
 
+/* launcher.c */
+extern void deferred_register_launcher(void);
+extern PGDLLEXPORT void deferred_launcher_main(Datum main_arg);
+
 /* worker.c */
-extern void deferred_register_worker(void);
+extern bool worker_start(Oid dbid, BackgroundWorkerHandle **handle);
 extern PGDLLEXPORT void deferred_worker_main(Datum main_arg);
 
 /* The columns of one JSON object: names, and whether each value is null */

@@ -69,12 +69,13 @@ static int	staged_npositions = 0;
 static bool staged_logged = false;
 
 /* Cached per backend */
-static Oid	worker_database_oid = InvalidOid;
+static Oid	allowed_database_oid = InvalidOid;
 static Oid	id_sequence_oid = InvalidOid;
 
 /*
  * Refuse calls the queue cannot serve: on a standby, in a read-only
- * transaction, or in a database the worker does not serve.
+ * transaction, or outside the database athena_deferred.database restricts
+ * queuing to.
  */
 static void
 check_call_context(const char *fname)
@@ -96,14 +97,17 @@ check_call_context(const char *fname)
 				 errmsg("athena_deferred needs a UTF8 database while athena_deferred.wal_enabled is on"),
 				 errdetail("This database's encoding is %s.", GetDatabaseEncodingName())));
 
-	if (!OidIsValid(worker_database_oid))
-		worker_database_oid = get_database_oid(deferred_database, true);
-	if (MyDatabaseId != worker_database_oid)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("deferred mutations can only be queued in database \"%s\"",
-						deferred_database),
-				 errhint("The athena_deferred worker serves the database named by athena_deferred.database.")));
+	if (deferred_database[0] != '\0')
+	{
+		if (!OidIsValid(allowed_database_oid))
+			allowed_database_oid = get_database_oid(deferred_database, true);
+		if (MyDatabaseId != allowed_database_oid)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("deferred mutations can only be queued in database \"%s\"",
+							deferred_database),
+					 errhint("athena_deferred.database restricts queuing to one database; set it to an empty string to allow every database.")));
+	}
 }
 
 /* Error for a NULL argument: the functions are not strict on purpose */
@@ -557,13 +561,8 @@ deferred_flush(PG_FUNCTION_ARGS)
 
 	check_call_context("deferred_flush()");
 
-	LWLockAcquire(q->lock, LW_EXCLUSIVE);
-	target = q->next_qseq;
 	applied_before = q->applied;
-	if (q->flush_requested_qseq < target)
-		q->flush_requested_qseq = target;
-	LWLockRelease(q->lock);
-	queue_wake_worker();
+	target = queue_request_flush();
 
 	for (;;)
 	{
@@ -571,10 +570,8 @@ deferred_flush(PG_FUNCTION_ARGS)
 		long		remaining;
 
 		/* before recovery, what was committed before a restart is not settled */
-		LWLockAcquire(q->lock, LW_SHARED);
-		settled = q->recovered && q->settled_qseq >= target;
+		settled = queue_flushed(target);
 		applied_after = q->applied;
-		LWLockRelease(q->lock);
 		if (settled)
 			break;
 

@@ -49,6 +49,9 @@
 
 static MemoryContext flush_context = NULL;
 
+/* applied_upto as this worker last recorded or read it */
+uint64		flush_progress_upto = 0;
+
 /* Append "col1, col2" or "p.col1, p.col2" for the part's columns */
 static void
 append_columns(StringInfo sql, const DeferredPart *part, const char *prefix)
@@ -576,7 +579,7 @@ flush_run(int max_entries, int *settled)
 		 * un-apply what an earlier flush applied.  Entries it covers but did
 		 * not collect stay listed for retry.
 		 */
-		upto = Max(deferred_shared->progress_upto, entries[n - 1]->qseq + 1);
+		upto = Max(flush_progress_upto, entries[n - 1]->qseq + 1);
 		out.retry = list_concat(out.retry,
 								queue_unsettled_below(positions[n - 1] + entries[n - 1]->size, upto));
 		record_progress(out.schema, upto, out.retry);
@@ -594,7 +597,7 @@ flush_run(int max_entries, int *settled)
 	{
 		int64		duration = GetCurrentTimestamp() - started;
 
-		deferred_shared->progress_upto = upto;
+		flush_progress_upto = upto;
 		deferred_fault("after_flush_commit");
 		queue_settle(positions, entries, n, out.applied, out.failed, out.dead, duration);
 		*settled = out.applied + out.dead;

@@ -10,6 +10,14 @@
  * worker reads published entries from the head; it stops at the first
  * entry still RESERVED so that entries are applied in commit order.
  *
+ * Each database with entries has a slot (DeferredDatabase): its worker
+ * reads only its own database's entries, in commit order, and its share of
+ * the ring is capped at half while another database has entries or waits
+ * for room, so that one busy database cannot take the whole queue.  The
+ * ring itself is released in commit order: a database whose oldest entry
+ * keeps failing holds the space behind it until that entry is retried to a
+ * dead letter.
+ *
  * This file knows nothing of SQL or files.
  *
  *-------------------------------------------------------------------------
@@ -83,8 +91,74 @@ queue_shmem_init(DeferredShared *shared, bool found)
 }
 
 /*
+ * The slot of database dbid, or NULL if it has none; with create, a free
+ * slot is taken for it if needed (NULL if there is none).  Caller holds
+ * the lock, exclusively to create.
+ */
+DeferredDatabase *
+queue_database_slot(Oid dbid, bool create)
+{
+	DeferredDatabase *free_slot = NULL;
+
+	for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
+	{
+		DeferredDatabase *db = &deferred_shared->databases[i];
+
+		if (db->dbid == dbid)
+			return db;
+		if (db->dbid == InvalidOid && free_slot == NULL)
+			free_slot = db;
+	}
+	if (!create || free_slot == NULL)
+		return NULL;
+	memset(free_slot, 0, sizeof(DeferredDatabase));
+	free_slot->dbid = dbid;
+	return free_slot;
+}
+
+/*
+ * May database db take size more bytes?  Not beyond half of the ring while
+ * another database holds entries or has waited for room within the last
+ * second.  Caller holds the lock.
+ */
+static bool
+within_share(const DeferredDatabase *db, Size size, TimestampTz now)
+{
+	DeferredShared *q = deferred_shared;
+
+	if (db->bytes + size <= q->capacity / 2)
+		return true;
+	for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
+	{
+		const DeferredDatabase *other = &q->databases[i];
+
+		if (other != db && other->dbid != InvalidOid &&
+			(other->bytes > 0 ||
+			 (other->waiting_since != 0 && TimestampDifferenceMilliseconds(other->waiting_since, now) < 1000)))
+			return false;
+	}
+	return true;
+}
+
+/* Wake every database's worker and the launcher: room is wanted */
+static void
+wake_all(void)
+{
+	DeferredShared *q = deferred_shared;
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
+	{
+		if (q->databases[i].worker_latch != NULL)
+			SetLatch(q->databases[i].worker_latch);
+	}
+	LWLockRelease(q->lock);
+	queue_wake_launcher();
+}
+
+/*
  * Promise size bytes of the ring to the calling transaction, waiting up to
- * timeout_ms for the worker to make room.
+ * timeout_ms for the workers to make room.
  */
 void
 queue_account(Size size, int timeout_ms)
@@ -103,32 +177,60 @@ queue_account(Size size, int timeout_ms)
 	for (;;)
 	{
 		bool		done = false;
-		long		remaining;
-
 		bool		recovered;
+		bool		fair = true;
+		long		remaining;
+		TimestampTz now = GetCurrentTimestamp();
+		DeferredDatabase *db;
 
 		LWLockAcquire(q->lock, LW_EXCLUSIVE);
 		recovered = q->recovered;
+		db = queue_database_slot(MyDatabaseId, true);
+		if (db == NULL)
+		{
+			LWLockRelease(q->lock);
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("too many databases have entries in the deferred queue"),
+					 errdetail("At most %d databases can have entries queued at the same time.",
+							   DEFERRED_MAX_DATABASES),
+					 errhint("Retry when the other databases' entries have been applied.")));
+		}
 		if (recovered && q->reserve_pos - q->head_pos + q->accounted + size <= q->capacity)
 		{
-			q->accounted += size;
-			done = true;
+			fair = within_share(db, size, now);
+			if (fair)
+			{
+				q->accounted += size;
+				db->bytes += size;
+				db->waiting_since = 0;
+				done = true;
+			}
 		}
+		if (!done)
+			db->waiting_since = now;
 		LWLockRelease(q->lock);
 		if (done)
 			break;
 
-		/* no room, or recovery pending: make sure the worker is on it, wait */
-		queue_wake_worker();
+		/* no room, or recovery pending: make sure the workers are on it, wait */
+		wake_all();
 		if (deadline == 0)
-			deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
-		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+			deadline = TimestampTzPlusMilliseconds(now, timeout_ms);
+		remaining = TimestampDifferenceMilliseconds(now, deadline);
 		if (remaining <= 0 && !recovered)
 			ereport(ERROR,
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("athena_deferred has not finished recovering its queue"),
-					 errdetail("The worker replays the WAL of pending entries when it starts; no entry is accepted before that."),
-					 errhint("Check that the athena_deferred worker is running, and what it logs.")));
+					 errdetail("The launcher replays the WAL of pending entries when the server starts; no entry is accepted before that."),
+					 errhint("Check that the athena_deferred launcher and workers are running, and what they log.")));
+		if (remaining <= 0 && !fair)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+					 errmsg("deferred queue is full for this database"),
+					 errdetail("This database holds half of the queue while other databases have entries; no room was made for %zu bytes within athena_deferred.enqueue_timeout_ms (%d ms).",
+							   size, timeout_ms),
+					 errhint("Increase athena_deferred.queue_size, or make the worker flush more often.")));
 		if (remaining <= 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
@@ -146,11 +248,17 @@ queue_account(Size size, int timeout_ms)
 void
 queue_unaccount(Size size)
 {
-	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	Assert(deferred_shared->accounted >= size);
-	deferred_shared->accounted -= size;
-	LWLockRelease(deferred_shared->lock);
-	ConditionVariableBroadcast(&deferred_shared->space_cv);
+	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(MyDatabaseId, false);
+	Assert(q->accounted >= size && db != NULL && db->bytes >= size);
+	q->accounted -= size;
+	if (db != NULL)
+		db->bytes -= size;
+	LWLockRelease(q->lock);
+	ConditionVariableBroadcast(&q->space_cv);
 }
 
 /*
@@ -208,12 +316,17 @@ queue_advance_head_locked(void)
 	q->settled_qseq = q->next_qseq;
 }
 
-/* Make reserved entries visible to the worker: called at commit */
+/*
+ * Make reserved entries visible to the worker: called at commit.  Wakes the
+ * database's worker when batch_max_size entries are pending, and the
+ * launcher when the database has no worker yet.
+ */
 void
 queue_publish(const uint64 *positions, int nentries)
 {
 	DeferredShared *q = deferred_shared;
-	bool		wake;
+	DeferredDatabase *db;
+	Latch	   *wake = NULL;
 	int			i;
 
 	/* the bodies were written before; the lock orders them before state */
@@ -222,31 +335,46 @@ queue_publish(const uint64 *positions, int nentries)
 		ring_set_state(positions[i], ENTRY_PUBLISHED);
 	q->pending += nentries;
 	q->enqueued += nentries;
-	wake = deferred_batch_max_size > 0 && q->pending >= deferred_batch_max_size;
+	db = queue_database_slot(MyDatabaseId, false);
+	Assert(db != NULL);
+	db->pending += nentries;
+	if (db->worker_latch == NULL)
+		wake = q->launcher_latch;
+	else if (deferred_batch_max_size > 0 && db->pending >= deferred_batch_max_size)
+		wake = db->worker_latch;
 	LWLockRelease(q->lock);
 
-	if (wake)
-		queue_wake_worker();
+	if (wake != NULL)
+		SetLatch(wake);
 }
 
 /* Withdraw reserved entries whose transaction aborted after pre-commit */
 void
 queue_cancel(const uint64 *positions, int nentries)
 {
-	int			i;
+	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
+	DeferredEntry hdr;
 
-	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	for (i = 0; i < nentries; i++)
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(MyDatabaseId, false);
+	for (int i = 0; i < nentries; i++)
+	{
+		ring_read(positions[i], &hdr, sizeof(hdr));
 		ring_set_state(positions[i], ENTRY_CANCELLED);
+		if (db != NULL)
+			db->bytes -= hdr.size;
+	}
 	queue_advance_head_locked();
-	LWLockRelease(deferred_shared->lock);
-	ConditionVariableBroadcast(&deferred_shared->space_cv);
+	LWLockRelease(q->lock);
+	ConditionVariableBroadcast(&q->space_cv);
 }
 
 /*
- * Copy up to max_entries published entries, oldest first, into the current
- * memory context.  Stops at the first entry whose transaction has not yet
- * committed, so that nothing overtakes it.  Returns how many were copied.
+ * Copy up to max_entries published entries of the current database, oldest
+ * first, into the current memory context.  Stops at the database's first
+ * entry whose transaction has not yet committed, so that nothing overtakes
+ * it.  Returns how many were copied.
  *
  * The worker copies bodies after releasing the lock: published entries are
  * immutable and only the worker releases them.  Anyone else (worker =
@@ -274,6 +402,8 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
 		if (hdr.size < sizeof(DeferredEntry) || hdr.size > q->capacity)
 			elog(PANIC, "athena_deferred: corrupt queue entry of %u bytes at %llu",
 				 hdr.size, (unsigned long long) pos);
+		if (hdr.dbid != MyDatabaseId)
+			continue;
 		if (hdr.state == ENTRY_RESERVED)
 			break;
 		if (hdr.state != ENTRY_PUBLISHED)
@@ -305,8 +435,9 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
 }
 
 /*
- * Worker: headers of the published entries from from_pos on with a qseq
- * below upto (those a flush did not collect but its progress record covers).
+ * Worker: headers of the database's published entries from from_pos on with
+ * a qseq below upto (those a flush did not collect but its progress record
+ * covers).
  */
 List *
 queue_unsettled_below(uint64 from_pos, uint64 upto)
@@ -321,7 +452,8 @@ queue_unsettled_below(uint64 from_pos, uint64 upto)
 		ring_read(pos, &hdr, sizeof(hdr));
 		if (hdr.qseq >= upto)
 			break;
-		if (hdr.state == ENTRY_PUBLISHED || hdr.state == ENTRY_RESERVED)
+		if (hdr.dbid == MyDatabaseId &&
+			(hdr.state == ENTRY_PUBLISHED || hdr.state == ENTRY_RESERVED))
 		{
 			DeferredEntry *copy = palloc(sizeof(DeferredEntry));
 
@@ -352,10 +484,13 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 			 int64 applied, int64 failed, int64 dead, int64 duration_us)
 {
 	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
 	int			bucket = 0;
 	int			i;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(MyDatabaseId, false);
+	Assert(db != NULL || nentries == 0);
 	for (i = 0; i < nentries; i++)
 	{
 		DeferredEntry *e = entries[i];
@@ -367,12 +502,15 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 			ring_set_state(positions[i], e->state);
 			note_outcome_locked(e->id, e->state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
 			q->pending--;
+			db->pending--;
+			db->bytes -= e->size;
 		}
 	}
 	q->applied += applied;
 	q->failed_attempts += failed;
 	q->dead_lettered += dead;
-	if (nentries > 0)
+	/* a negative duration: settled without a flush (recovery_reconcile) */
+	if (nentries > 0 && duration_us >= 0)
 	{
 		q->flushes++;
 		q->last_flush_at = GetCurrentTimestamp();
@@ -469,7 +607,8 @@ queue_oldest_pending(void)
 
 /*
  * Recovery: put entries replayed from the WAL, sorted by qseq, into the
- * empty queue as published, and let calls in.
+ * empty queue as published, and let calls in.  Their databases have slots
+ * (the launcher made them).
  */
 void
 queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
@@ -493,9 +632,15 @@ queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
 	}
 	for (i = 0; i < nentries; i++)
 	{
+		DeferredDatabase *db = queue_database_slot(entries[i]->dbid, false);
+
 		entries[i]->state = ENTRY_PUBLISHED;
 		ring_write(q->reserve_pos, entries[i], entries[i]->size);
 		q->reserve_pos += entries[i]->size;
+		db->pending++;
+		db->bytes += entries[i]->size;
+		/* recovered entries are applied at once, whatever the timer */
+		db->flush_requested_qseq = Max(db->flush_requested_qseq, entries[i]->qseq + 1);
 	}
 	q->pending += nentries;
 	q->next_qseq = Max(q->next_qseq, next_qseq);
@@ -506,12 +651,128 @@ queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
 	ConditionVariableBroadcast(&q->space_cv);
 }
 
-/* Wake the worker, if one is running */
+/* Wake the database's worker, or the launcher to start one */
 void
-queue_wake_worker(void)
+queue_wake_worker(Oid dbid)
 {
-	Latch	   *latch = deferred_shared->worker_latch;
+	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
+	Latch	   *latch;
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	db = queue_database_slot(dbid, false);
+	latch = (db != NULL && db->worker_latch != NULL) ? db->worker_latch : q->launcher_latch;
+	LWLockRelease(q->lock);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/* Wake the launcher, if it is running */
+void
+queue_wake_launcher(void)
+{
+	Latch	   *latch = deferred_shared->launcher_latch;
 
 	if (latch != NULL)
 		SetLatch(latch);
+}
+
+/*
+ * deferred_flush(): ask for every entry of this database committed so far
+ * to be settled; returns the qseq to wait for with queue_flushed().
+ */
+uint64
+queue_request_flush(void)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
+	uint64		target;
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	target = q->next_qseq;
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db != NULL && db->flush_requested_qseq < target)
+		db->flush_requested_qseq = target;
+	LWLockRelease(q->lock);
+	queue_wake_worker(MyDatabaseId);
+	return target;
+}
+
+/* Is every entry of this database below target settled (and the queue recovered)? */
+bool
+queue_flushed(uint64 target)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry hdr;
+	bool		flushed;
+
+	LWLockAcquire(q->lock, LW_SHARED);
+	flushed = q->recovered;
+	for (uint64 pos = q->head_pos; flushed && pos < q->reserve_pos; pos += hdr.size)
+	{
+		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.qseq >= target)
+			break;
+		if (hdr.dbid == MyDatabaseId &&
+			(hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED))
+			flushed = false;
+	}
+	LWLockRelease(q->lock);
+	return flushed;
+}
+
+/*
+ * Entries of the current database in the queue: pending ones, plus one if
+ * open transactions hold space for more.
+ */
+int64
+queue_database_pending(void)
+{
+	DeferredDatabase *db;
+	int64		n = 0;
+
+	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db != NULL)
+		n = db->pending + (db->bytes > 0 && db->pending == 0 ? 1 : 0);
+	LWLockRelease(deferred_shared->lock);
+	return n;
+}
+
+/*
+ * Launcher: settle every entry of a database that no longer exists, so
+ * that it is neither retried forever nor holds its space.  Returns how many.
+ */
+int64
+queue_discard_database(Oid dbid)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
+	DeferredEntry hdr;
+	int64		n = 0;
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	for (uint64 pos = q->head_pos; pos < q->reserve_pos; pos += hdr.size)
+	{
+		ring_read(pos, &hdr, sizeof(hdr));
+		if (hdr.dbid == dbid && hdr.state == ENTRY_PUBLISHED)
+		{
+			ring_set_state(pos, ENTRY_DISCARDED);
+			n++;
+		}
+	}
+	db = queue_database_slot(dbid, false);
+	if (db != NULL)
+	{
+		db->pending = 0;
+		db->bytes = 0;
+		db->flush_requested_qseq = 0;
+	}
+	q->pending -= n;
+	q->discarded += n;
+	queue_advance_head_locked();
+	LWLockRelease(q->lock);
+	ConditionVariableBroadcast(&q->space_cv);
+	ConditionVariableBroadcast(&q->settled_cv);
+	return n;
 }

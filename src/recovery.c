@@ -4,18 +4,25 @@
  *		Replay the WAL into a fresh queue, exactly once, when the worker
  *		starts.
  *
- * After a server start or crash the shared queue is empty.  The worker
- * reads deferred_progress (written by each flush in the same transaction
- * as its mutations): every entry below applied_upto is settled except
- * those listed for retry.  It then reads every segment, keeps the entries
- * that are neither settled, nor abandoned by an abort marker, nor from a
- * transaction that did not commit, and puts them back in the queue in
- * commit order, with their attempt counts.  Calls wait until this is done
- * (queue_account), so new entries always come after recovered ones.
+ * After a server start or crash the shared queue is empty.  The launcher
+ * (launcher.c), connected to no database, reads every segment and keeps
+ * the entries that are neither abandoned by an abort marker nor from a
+ * transaction that did not commit (recovery_scan).  Which of them a flush
+ * already applied only the database they belong to can tell: its
+ * deferred_progress row, written by each flush in the same transaction as
+ * its mutations, says that every entry below applied_upto is settled
+ * except those listed for retry.  So the launcher starts a worker in each
+ * database found in the WAL, each reports from which entry on its entries
+ * may be pending (recovery_report_progress), and the launcher puts those
+ * back in the queue in commit order (recovery_restore).  Calls wait until
+ * then (queue_account), so new entries always come after recovered ones.
+ * Each worker then settles the few restored entries its progress row says
+ * were applied and gives the retried ones their attempt counts back
+ * (recovery_reconcile).
  *
- * When only the worker restarted (shared memory intact), nothing is read
- * from files: entries that a committed flush applied but that its worker
- * did not get to release are marked settled from the same record.
+ * The same reconciliation runs when only a worker restarted (shared memory
+ * intact): entries that a committed flush applied but that its worker did
+ * not get to release are settled from the same record.
  *
  *-------------------------------------------------------------------------
  */
@@ -46,8 +53,21 @@ typedef struct Replay
 	uint64		max_qseq;
 	List	   *entries;		/* DeferredEntry *, not yet filtered */
 	List	   *aborted;		/* qseqs abandoned after pre-commit */
-	Progress   *progress;
 } Replay;
+
+/*
+ * Launcher: what recovery_scan() found, kept until recovery_restore(), in
+ * recovery_context
+ */
+static MemoryContext recovery_context = NULL;
+static List *scanned_entries = NIL; /* committed, in commit order */
+static uint64 scanned_next_qseq = 1;
+static int	scanned_segments = 0;
+static WalScanStats scanned_stats;
+
+/* Worker: its database's progress row, read at start */
+static Progress worker_progress;
+static bool worker_installed = false;
 
 /* Index of qseq in the retry list, or -1 */
 static int
@@ -158,8 +178,7 @@ replay_record(void *arg, json_t *rec, size_t offset)
 		{
 			r->seg_max_qseq = Max(r->seg_max_qseq, e->qseq);
 			r->max_qseq = Max(r->max_qseq, e->qseq);
-			if (e->qseq >= r->progress->applied_upto || retry_index(r->progress, e->qseq) >= 0)
-				r->entries = lappend(r->entries, e);
+			r->entries = lappend(r->entries, e);
 		}
 	}
 	else if (type != NULL && strcmp(type, "a") == 0)
@@ -297,28 +316,31 @@ entry_committed(const DeferredEntry *e)
 	return TransactionIdDidCommit(e->xid);
 }
 
-/* Replay the WAL into the empty queue */
-static void
-replay_wal(Progress *progress)
+/*
+ * Launcher, at server start: read the WAL, keep the committed entries that
+ * no abort marker abandoned, and make new writes go to a fresh segment.
+ */
+void
+recovery_scan(void)
 {
 	DeferredShared *q = deferred_shared;
 	Replay		r;
-	WalScanStats stats;
 	int			nsegs;
-	uint64	   *segnos = list_segments(&nsegs);
+	uint64	   *segnos;
 	uint64		segsize = wal_segment_bytes();
-	List	   *keep = NIL;
-	DeferredEntry **entries;
-	int			n = 0;
 	ListCell   *lc;
 	uint64		last_qseq = 0;
-	int			other_db = 0;
-
 	int			last_written = -1;
+	MemoryContext oldcxt;
+
+	recovery_context = AllocSetContextCreate(TopMemoryContext, "athena_deferred recovery",
+											 ALLOCSET_DEFAULT_SIZES);
+	StartTransactionCommand();	/* for the commit log lookups */
+	oldcxt = MemoryContextSwitchTo(recovery_context);
 
 	memset(&r, 0, sizeof(r));
-	memset(&stats, 0, sizeof(stats));
-	r.progress = progress;
+	memset(&scanned_stats, 0, sizeof(scanned_stats));
+	segnos = list_segments(&nsegs);
 
 	/*
 	 * Damage at the end of the last segment holding data is a torn tail;
@@ -350,7 +372,7 @@ replay_wal(Progress *progress)
 		r.segment = path;
 		r.segno = segnos[i];
 		r.seg_max_qseq = 0;
-		wal_scan_segment(buf, size, i >= last_written, replay_record, replay_damage, &r, &stats);
+		wal_scan_segment(buf, size, i >= last_written, replay_record, replay_damage, &r, &scanned_stats);
 		pfree(buf);
 
 		q->seg_segno[slot] = segnos[i];
@@ -359,36 +381,27 @@ replay_wal(Progress *progress)
 			deferred_fault("mid_recovery");
 	}
 
-	/* keep what is committed, not abandoned, not settled; once each, in order */
+	/* keep what is committed and not abandoned; once each, in order */
 	list_sort(r.entries, compare_entries);
 	foreach(lc, r.entries)
 	{
 		DeferredEntry *e = lfirst(lc);
 		bool		abandoned = false;
 		ListCell   *alc;
-		int			ri;
 
 		if (e->qseq == last_qseq)
 			continue;
 		last_qseq = e->qseq;
-		if (e->dbid != MyDatabaseId)
-		{
-			other_db++;
-			continue;
-		}
 		foreach(alc, r.aborted)
 			abandoned |= (*(uint64 *) lfirst(alc) == e->qseq);
 		if (abandoned || !entry_committed(e))
 			continue;
-		ri = retry_index(progress, e->qseq);
-		if (ri >= 0)
-			e->attempts = Max(e->attempts, (uint32) progress->retry_attempts[ri]);
-		keep = lappend(keep, e);
+		scanned_entries = lappend(scanned_entries, e);
 	}
-
-	entries = palloc(sizeof(DeferredEntry *) * Max(list_length(keep), 1));
-	foreach(lc, keep)
-		entries[n++] = lfirst(lc);
+	scanned_next_qseq = r.max_qseq + 1;
+	scanned_segments = nsegs;
+	MemoryContextSwitchTo(oldcxt);
+	CommitTransactionCommand();
 
 	/* new writes go to a fresh segment: nothing old is appended to */
 	LWLockAcquire(q->wal_lock, LW_EXCLUSIVE);
@@ -396,95 +409,161 @@ replay_wal(Progress *progress)
 	pg_atomic_write_u64(&q->wal_flushed_pos, q->wal_insert_pos);
 	q->wal_oldest_segno = nsegs > 0 ? segnos[0] : 0;
 	LWLockRelease(q->wal_lock);
+}
+
+/* Launcher: the databases that recovery_scan() found entries of */
+List *
+recovery_databases(void)
+{
+	List	   *dbids = NIL;
+	ListCell   *lc;
+
+	foreach(lc, scanned_entries)
+		dbids = list_append_unique_oid(dbids, ((DeferredEntry *) lfirst(lc))->dbid);
+	return dbids;
+}
+
+/*
+ * Launcher, once every database found in the WAL has reported its progress
+ * (or no longer exists): put back the entries that may be pending, in
+ * commit order, and let calls in.
+ */
+void
+recovery_restore(void)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry **entries;
+	int			n = 0;
+	int			gone = 0;
+	ListCell   *lc;
+
+	entries = MemoryContextAlloc(recovery_context,
+								 sizeof(DeferredEntry *) * Max(list_length(scanned_entries), 1));
+	foreach(lc, scanned_entries)
+	{
+		DeferredEntry *e = lfirst(lc);
+		DeferredDatabase *db = queue_database_slot(e->dbid, false);
+
+		if (db == NULL || !db->progress_reported)
+			gone++;				/* the database was dropped */
+		else if (e->qseq >= db->keep_from)
+			entries[n++] = e;
+	}
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
-	q->wal_segments = nsegs;
-	q->torn_records = stats.torn;
-	q->corrupt_records = stats.corrupt;
+	q->wal_segments = scanned_segments;
+	q->torn_records = scanned_stats.torn;
+	q->corrupt_records = scanned_stats.corrupt;
 	q->recovered_entries = n;
+	q->discarded += gone;
 	LWLockRelease(q->lock);
 
-	queue_restore(entries, n, Max(Max(r.max_qseq + 1, progress->applied_upto), 1));
+	queue_restore(entries, n, scanned_next_qseq);
 
-	if (other_db > 0)
-		ereport(WARNING,
-				(errmsg("athena_deferred: %d pending entries in the WAL belong to another database and were not recovered",
-						other_db),
-				 errdetail("athena_deferred.database was changed, or the database was dropped and created again, while they were pending."),
-				 errhint("Their payloads are in the WAL segment files in athena_deferred.wal_dir.")));
-
-	ereport(LOG,
-			(errmsg("athena_deferred: recovered %d pending entries from %d WAL segments (%llu records, %llu torn, %llu corrupt)",
-					n, nsegs, (unsigned long long) stats.records,
-					(unsigned long long) stats.torn, (unsigned long long) stats.corrupt)));
-}
-
-/*
- * Worker restarted with shared memory intact: settle what a committed flush
- * applied before its worker could release it.
- */
-static void
-reconcile_queue(Progress *progress)
-{
-	DeferredEntry **entries;
-	uint64	   *positions;
-	int			n = queue_collect(&entries, &positions, INT_MAX, true);
-	int64		done = 0;
-
-	for (int i = 0; i < n; i++)
-	{
-		if (entries[i]->qseq < progress->applied_upto && retry_index(progress, entries[i]->qseq) < 0)
-		{
-			entries[i]->state = ENTRY_DONE;
-			done++;
-		}
-	}
-	if (done > 0)
-	{
+	if (gone > 0)
 		ereport(LOG,
-				(errmsg("athena_deferred: " INT64_FORMAT " entries were applied by a flush whose worker exited before releasing them",
-						done)));
-		queue_settle(positions, entries, n, done, 0, 0, 0);
-	}
+				(errmsg("athena_deferred: %d entries in the WAL belong to databases that no longer exist and were discarded",
+						gone)));
+	ereport(LOG,
+			(errmsg("athena_deferred: recovered %d entries from %d WAL segments (%llu records, %llu torn, %llu corrupt)",
+					n, scanned_segments, (unsigned long long) scanned_stats.records,
+					(unsigned long long) scanned_stats.torn, (unsigned long long) scanned_stats.corrupt)));
+
+	MemoryContextDelete(recovery_context);
+	recovery_context = NULL;
+	scanned_entries = NIL;
 }
 
 /*
- * Bring the queue up to date with what has been applied.  Returns false if
- * the extension is not installed in this database yet.
+ * Worker, at start: read this database's progress row and, while the
+ * launcher recovers, tell it from which entry on this database's entries
+ * may be pending.  Returns false if the extension is not installed here
+ * (then everything the WAL holds for this database is kept).
  */
 bool
-recovery_run(void)
+recovery_report_progress(void)
 {
-	bool		installed = false;
-	MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "athena_deferred recovery",
-											  ALLOCSET_DEFAULT_SIZES);
-	MemoryContext oldcxt;
+	DeferredShared *q = deferred_shared;
+	DeferredDatabase *db;
 	char	   *schema;
+	uint64		keep_from = 0;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	oldcxt = MemoryContextSwitchTo(cxt);
 
 	schema = flush_extension_schema();
-	if (schema != NULL)
+	worker_installed = (schema != NULL);
+	if (worker_installed)
 	{
-		Progress	progress;
+		MemoryContext oldcxt = MemoryContextSwitchTo(TopMemoryContext);
 
-		installed = true;
-		flush_read_progress(schema, &progress);
-		deferred_shared->progress_upto = progress.applied_upto;
-		if (!deferred_shared->recovered)
-			replay_wal(&progress);
-		else
-			reconcile_queue(&progress);
+		flush_read_progress(schema, &worker_progress);
+		MemoryContextSwitchTo(oldcxt);
+		flush_progress_upto = worker_progress.applied_upto;
+		keep_from = worker_progress.applied_upto;
+		for (int i = 0; i < worker_progress.nretry; i++)
+			keep_from = Min(keep_from, worker_progress.retry_qseq[i]);
 	}
 
-	MemoryContextSwitchTo(oldcxt);
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db != NULL && !q->recovered)
+	{
+		db->keep_from = keep_from;
+		db->progress_reported = true;
+	}
+	LWLockRelease(q->lock);
+	queue_wake_launcher();
+	return worker_installed;
+}
+
+/*
+ * Worker, once the queue is recovered: settle this database's entries that
+ * a committed flush applied (restored because a retried entry came before
+ * them, or left behind by a worker that exited between its commit and
+ * releasing them), and give retried entries their attempt counts back.
+ */
+void
+recovery_reconcile(void)
+{
+	DeferredEntry **entries;
+	uint64	   *positions;
+	int			n;
+	int64		done = 0;
+	MemoryContext cxt;
+	MemoryContext oldcxt;
+
+	if (!worker_installed)
+		return;
+	cxt = AllocSetContextCreate(TopMemoryContext, "athena_deferred reconcile",
+								ALLOCSET_DEFAULT_SIZES);
+	oldcxt = MemoryContextSwitchTo(cxt);
+	n = queue_collect(&entries, &positions, INT_MAX, true);
+	for (int i = 0; i < n; i++)
+	{
+		DeferredEntry *e = entries[i];
+		int			ri = retry_index(&worker_progress, e->qseq);
+
+		if (ri >= 0)
+			e->attempts = Max(e->attempts, (uint32) worker_progress.retry_attempts[ri]);
+		else if (e->qseq < worker_progress.applied_upto)
+		{
+			e->state = ENTRY_DONE;
+			done++;
+		}
+	}
+	if (n > 0)
+		queue_settle(positions, entries, n, done, 0, 0, -1);
+	if (done > 0)
+		ereport(LOG,
+				(errmsg("athena_deferred: " INT64_FORMAT " entries had been applied by a flush before the restart",
+						done)));
+	MemoryContextSwitchTo(oldcxt);
 	MemoryContextDelete(cxt);
-	return installed;
 }

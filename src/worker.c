@@ -1,20 +1,23 @@
 /*-------------------------------------------------------------------------
  *
  * worker.c
- *		The background worker's loop.
+ *		A database's worker: its loop.
  *
- * The worker wakes every batch_window_ms, when a committing backend finds
+ * The launcher starts one worker per database with pending entries.  The
+ * worker wakes every batch_window_ms, when a committing backend finds
  * batch_max_size entries pending, and when deferred_flush() asks; each time
- * it flushes what is published.  Before its first flush it replays the WAL
- * (recovery.c).  With wal_sync = batch it also fsyncs the WAL every
- * batch_window_ms, and it creates the next WAL segment ahead of need.
- * SIGHUP reloads the settings; SIGTERM lets the flush at hand finish, then
- * exits.  The SQL work lives in flush.c.
+ * it flushes its database's published entries.  At server start it first
+ * tells the launcher how far its database's entries were applied
+ * (recovery.c).  It exits once its database has had nothing queued for
+ * WORKER_IDLE_EXIT_MS.  SIGHUP reloads the settings; SIGTERM lets the
+ * flush at hand finish, then exits.  The SQL work lives in flush.c.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -22,36 +25,99 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "athena_deferred.h"
 
 /* Entries applied in one flush transaction at most */
 #define FLUSH_MAX_ENTRIES	10000
 
-/* Register the worker; called from _PG_init */
-void
-deferred_register_worker(void)
+/*
+ * An idle worker exits after this long, well within the 5 s that DROP
+ * DATABASE waits for other sessions to leave
+ */
+#define WORKER_IDLE_EXIT_MS	2000
+
+/* Launcher: start a worker for database dbid; false if no slot was free */
+bool
+worker_start(Oid dbid, BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;	/* the launcher does */
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, ATHENA_EXTENSION_NAME);
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "deferred_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "athena_deferred worker");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "athena_deferred worker for database %u", dbid);
 	snprintf(worker.bgw_type, BGW_MAXLEN, ATHENA_EXTENSION_NAME);
-	RegisterBackgroundWorker(&worker);
+	worker.bgw_main_arg = ObjectIdGetDatum(dbid);
+	worker.bgw_notify_pid = MyProcPid;
+	return RegisterDynamicBackgroundWorker(&worker, handle);
+}
+
+/*
+ * Take the database's slot: false if another worker already serves it (a
+ * launcher that restarted may start a second one).
+ */
+static bool
+worker_attach(void)
+{
+	DeferredDatabase *db;
+	bool		attached = false;
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(MyDatabaseId, true);
+	if (db != NULL && db->worker_latch == NULL)
+	{
+		db->worker_latch = MyLatch;
+		attached = true;
+	}
+	LWLockRelease(deferred_shared->lock);
+	return attached;
 }
 
 /* Stop backends from setting the latch of a worker that is gone */
 static void
 worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 {
+	DeferredDatabase *db;
+
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	deferred_shared->worker_latch = NULL;
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db != NULL && db->worker_latch == MyLatch)
+		db->worker_latch = NULL;
 	LWLockRelease(deferred_shared->lock);
+	queue_wake_launcher();
+}
+
+/*
+ * Has the database had nothing queued, not even by open transactions, for
+ * WORKER_IDLE_EXIT_MS?  Then the worker leaves its slot, in the same lock
+ * hold as the check, so that the next commit wakes the launcher instead.
+ */
+static bool
+worker_idle_exit(TimestampTz *idle_since)
+{
+	DeferredDatabase *db;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		leave = false;
+
+	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db == NULL || db->pending > 0 || db->bytes > 0)
+		*idle_since = 0;
+	else if (*idle_since == 0)
+		*idle_since = now;
+	else if (TimestampDifferenceMilliseconds(*idle_since, now) >= WORKER_IDLE_EXIT_MS)
+	{
+		db->worker_latch = NULL;
+		leave = true;
+	}
+	LWLockRelease(deferred_shared->lock);
+	return leave;
 }
 
 /*
@@ -69,30 +135,61 @@ worker_apply_timeouts(void)
 	SetConfigOption("lock_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
 }
 
-/* True if deferred_flush() is waiting for entries not yet settled */
+/* True if deferred_flush() is waiting for entries of this database */
 static bool
 flush_requested(void)
 {
-	bool		requested;
+	DeferredDatabase *db;
+	uint64		wanted = 0;
 
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
-	requested = deferred_shared->flush_requested_qseq > deferred_shared->settled_qseq;
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db != NULL)
+		wanted = db->flush_requested_qseq;
 	LWLockRelease(deferred_shared->lock);
-	return requested;
+	return wanted > 0 && !queue_flushed(wanted);
+}
+
+/* True if batch_max_size entries of this database are pending */
+static bool
+batch_full(void)
+{
+	DeferredDatabase *db;
+	int64		pending = 0;
+
+	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	db = queue_database_slot(MyDatabaseId, false);
+	if (db != NULL)
+		pending = db->pending;
+	LWLockRelease(deferred_shared->lock);
+	return deferred_batch_max_size > 0 && pending >= deferred_batch_max_size;
 }
 
 void
-deferred_worker_main(Datum main_arg pg_attribute_unused())
+deferred_worker_main(Datum main_arg)
 {
-	bool		ready = false;
+	Oid			dbid = DatumGetObjectId(main_arg);
+	bool		installed;
+	bool		warned = false;
+	char	   *dbname;
 	int			retry_rounds = 0;
+	TimestampTz idle_since = 0;
+	TimestampTz last_flush;
+	bool		more = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(deferred_database, NULL, 0);
+	/* entries queued before datallowconn was turned off are applied too */
+	BackgroundWorkerInitializeConnectionByOid(dbid, InvalidOid, BGWORKER_BYPASS_ALLOWCONN);
 	pgstat_report_appname("athena_deferred worker");
+	StartTransactionCommand();
+	dbname = MemoryContextStrdup(TopMemoryContext, get_database_name(MyDatabaseId));
+	CommitTransactionCommand();
+	if (!worker_attach())
+		proc_exit(0);
+	on_shmem_exit(worker_detach, 0);
 
 	/*
 	 * A flush's commit must be durable before the WAL segments holding its
@@ -101,19 +198,26 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
 	worker_apply_timeouts();
 
-	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	deferred_shared->worker_latch = MyLatch;
-	LWLockRelease(deferred_shared->lock);
-	on_shmem_exit(worker_detach, 0);
+	/* at server start, the launcher waits for this database's progress */
+	installed = recovery_report_progress();
+	while (!deferred_shared->recovered && !ShutdownRequestPending)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 100L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	recovery_reconcile();
+	last_flush = GetCurrentTimestamp();
 
-	ereport(LOG, (errmsg("athena_deferred worker started in database \"%s\"", deferred_database)));
+	ereport(DEBUG1, (errmsg("athena_deferred worker started in database \"%s\"", dbname)));
 
 	while (!ShutdownRequestPending)
 	{
 		int			handled = 0;
 		int			settled = 0;
 		long		timeout;
-		long		sync_in;
+		long		elapsed;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -123,17 +227,27 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 			worker_apply_timeouts();
 		}
 
-		/* until CREATE EXTENSION has run here, there is nothing to do */
-		if (!ready)
-			ready = recovery_run();
-		if (ready)
+		/*
+		 * Flush when the timer is due, batch_max_size entries are pending,
+		 * or deferred_flush() asks; batch_window_ms = 0 turns the timer off.
+		 */
+		elapsed = TimestampDifferenceMilliseconds(last_flush, GetCurrentTimestamp());
+		if (more || (deferred_batch_window_ms > 0 && elapsed >= deferred_batch_window_ms) ||
+			flush_requested() || batch_full())
 		{
 			handled = flush_run(FLUSH_MAX_ENTRIES, &settled);
-			wal_remove_settled(deferred_shared->settled_qseq);
+			last_flush = GetCurrentTimestamp();
+			elapsed = 0;
+			installed = (handled >= 0);
 		}
-		if (wal_sync_due_in() == 0)
-			wal_flush_written();
-		wal_prepare_segments();
+		if (settled > 0)
+			queue_wake_launcher();	/* WAL segments may be removable */
+		if (!installed && !warned)
+			ereport(WARNING,
+					(errmsg("athena_deferred: entries are queued in database \"%s\", where the extension is not installed",
+							dbname),
+					 errdetail("They are applied once CREATE EXTENSION athena_deferred has run there.")));
+		warned |= !installed;
 
 		/*
 		 * Go again at once while there is more than one flush's worth, or
@@ -143,18 +257,21 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		 * dead-lettered by a burst of retries.
 		 */
 		retry_rounds = (handled > settled) ? retry_rounds + 1 : 0;
-		if (handled == FLUSH_MAX_ENTRIES || (settled > 0 && flush_requested()))
+		more = (handled == FLUSH_MAX_ENTRIES);
+		if (more || (settled > 0 && flush_requested()))
 			continue;
+		if (worker_idle_exit(&idle_since))
+			break;
 		if (flush_requested())
 			timeout = retry_rounds > 0 ? Min(100L * retry_rounds, 5000L) : 10;
-		else if (!ready)
+		else if (!installed)
 			timeout = 1000;
+		else if (deferred_batch_window_ms > 0)
+			timeout = Max(deferred_batch_window_ms - elapsed, 1);
 		else
-			timeout = deferred_batch_window_ms > 0 ? deferred_batch_window_ms : -1;
-		/* with wal_sync = batch, wake up for the background fsync too */
-		sync_in = wal_sync_due_in();
-		if (sync_in >= 0 && (timeout < 0 || sync_in < timeout))
-			timeout = sync_in;
+			timeout = -1;
+		if (idle_since != 0 && (timeout < 0 || timeout > WORKER_IDLE_EXIT_MS))
+			timeout = WORKER_IDLE_EXIT_MS;
 
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),
@@ -162,7 +279,5 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		ResetLatch(MyLatch);
 	}
 
-	ereport(LOG, (errmsg("athena_deferred worker shutting down")));
-	/* exit code 1: a terminated worker is restarted; at shutdown it is not */
-	proc_exit(1);
+	proc_exit(0);
 }
