@@ -279,7 +279,7 @@ deferred_wait(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("entry " INT64_FORMAT " was not settled within %d ms", id, timeout_ms),
 					 errhint("Check that the athena_deferred worker is running; deferred_pending() shows the entry if it is queued.")));
-		queue_wake_worker(MyDatabaseId);
+		(void) queue_request_flush();
 		ConditionVariableTimedSleep(&deferred_shared->settled_cv, Min(remaining, 1000),
 									PG_WAIT_EXTENSION);
 	}

@@ -140,17 +140,25 @@ within_share(const DeferredDatabase *db, Size size, TimestampTz now)
 	return true;
 }
 
-/* Wake every database's worker and the launcher: room is wanted */
+/*
+ * Room is wanted: ask every database's worker to flush what is queued (the
+ * timer may be off), and wake the launcher to start missing workers.
+ */
 static void
 wake_all(void)
 {
 	DeferredShared *q = deferred_shared;
 
-	LWLockAcquire(q->lock, LW_SHARED);
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
 	{
-		if (q->databases[i].worker_latch != NULL)
-			SetLatch(q->databases[i].worker_latch);
+		DeferredDatabase *db = &q->databases[i];
+
+		if (db->dbid == InvalidOid || db->pending == 0)
+			continue;
+		db->flush_requested_qseq = Max(db->flush_requested_qseq, q->next_qseq);
+		if (db->worker_latch != NULL)
+			SetLatch(db->worker_latch);
 	}
 	LWLockRelease(q->lock);
 	queue_wake_launcher();

@@ -34,6 +34,7 @@
 
 #include "access/transam.h"
 #include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
@@ -400,6 +401,7 @@ recovery_scan(void)
 	}
 	scanned_next_qseq = r.max_qseq + 1;
 	scanned_segments = nsegs;
+	q->start_qseq = scanned_next_qseq;
 	MemoryContextSwitchTo(oldcxt);
 	CommitTransactionCommand();
 
@@ -501,6 +503,24 @@ recovery_report_progress(void)
 
 		flush_read_progress(schema, &worker_progress);
 		MemoryContextSwitchTo(oldcxt);
+
+		/*
+		 * Progress beyond every entry the WAL knows of is from before the
+		 * WAL was lost or turned off: entry numbers started over since, and
+		 * none of this database's entries in the queue is covered by it.
+		 * Start the record over too.
+		 */
+		if (worker_progress.applied_upto > q->start_qseq)
+		{
+			ereport(LOG,
+					(errmsg("athena_deferred: progress record of database \"%s\" is ahead of the WAL and starts over",
+							get_database_name(MyDatabaseId)),
+					 errdetail("It says entries up to %llu were applied; the WAL's entries end before %llu.",
+							   (unsigned long long) worker_progress.applied_upto,
+							   (unsigned long long) q->start_qseq)));
+			worker_progress.applied_upto = 0;
+			worker_progress.nretry = 0;
+		}
 		flush_progress_upto = worker_progress.applied_upto;
 		keep_from = worker_progress.applied_upto;
 		for (int i = 0; i < worker_progress.nretry; i++)

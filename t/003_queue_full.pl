@@ -73,8 +73,8 @@ $locker->query_safe('COMMIT');
 $locker->quit;
 $node->poll_query_until('postgres', 'SELECT count(*) > 0 FROM t WHERE id = 1000 OR (SELECT pending FROM deferred_stats()) > 0')
   or die 'waiting call never queued';
+$waiter->quit;		# returns once the waiting call has committed
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
-$waiter->quit;
 
 is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), $acked + 1,
 	'every acknowledged entry applied, including the one that waited');
