@@ -184,7 +184,6 @@ typedef struct DeferredShared
 	uint64		capacity;		/* ring size in bytes */
 
 	uint64		next_qseq;		/* next commit-order sequence number */
-	uint64		start_qseq;		/* next_qseq when the WAL was recovered */
 	uint64		settled_qseq;	/* every entry below this is settled */
 
 	/* entry ids handed out from a block of the id sequence (enqueue.c) */

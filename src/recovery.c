@@ -41,6 +41,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 
 #include "athena_deferred.h"
 #include "wal_format.h"
@@ -399,9 +400,17 @@ recovery_scan(void)
 			continue;
 		scanned_entries = lappend(scanned_entries, e);
 	}
-	scanned_next_qseq = r.max_qseq + 1;
+	/*
+	 * Entry numbers go on from the server start time in microseconds, so
+	 * that they keep growing across restarts even when the WAL no longer
+	 * holds the last ones (all segments settled and removed, or the WAL
+	 * turned off): progress records compare them.
+	 */
+	scanned_next_qseq = Max(r.max_qseq + 1, (uint64) GetCurrentTimestamp());
 	scanned_segments = nsegs;
-	q->start_qseq = scanned_next_qseq;
+	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	q->next_qseq = Max(q->next_qseq, scanned_next_qseq);	/* calls still wait */
+	LWLockRelease(q->lock);
 	MemoryContextSwitchTo(oldcxt);
 	CommitTransactionCommand();
 
@@ -489,6 +498,7 @@ recovery_report_progress(void)
 	DeferredDatabase *db;
 	char	   *schema;
 	uint64		keep_from = 0;
+	uint64		next_qseq;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -505,19 +515,22 @@ recovery_report_progress(void)
 		MemoryContextSwitchTo(oldcxt);
 
 		/*
-		 * Progress beyond every entry the WAL knows of is from before the
-		 * WAL was lost or turned off: entry numbers started over since, and
-		 * none of this database's entries in the queue is covered by it.
-		 * Start the record over too.
+		 * Progress beyond every entry number handed out can only come from
+		 * a clock that went back while the WAL was lost: none of this
+		 * database's entries in the queue is covered by it.  Start the
+		 * record over.
 		 */
-		if (worker_progress.applied_upto > q->start_qseq)
+		LWLockAcquire(q->lock, LW_SHARED);
+		next_qseq = q->next_qseq;
+		LWLockRelease(q->lock);
+		if (worker_progress.applied_upto > next_qseq)
 		{
 			ereport(LOG,
-					(errmsg("athena_deferred: progress record of database \"%s\" is ahead of the WAL and starts over",
+					(errmsg("athena_deferred: progress record of database \"%s\" is ahead of the entry numbers handed out and starts over",
 							get_database_name(MyDatabaseId)),
-					 errdetail("It says entries up to %llu were applied; the WAL's entries end before %llu.",
+					 errdetail("It says entries below %llu were applied; the next entry is %llu.",
 							   (unsigned long long) worker_progress.applied_upto,
-							   (unsigned long long) q->start_qseq)));
+							   (unsigned long long) next_qseq)));
 			worker_progress.applied_upto = 0;
 			worker_progress.nretry = 0;
 		}
