@@ -4,7 +4,7 @@ MODULE_big = athena_deferred
 OBJS = src/athena_deferred.o src/enqueue.o src/entry.o src/queue.o src/wal_format.o src/wal.o src/launcher.o src/worker.o src/recovery.o src/flush.o src/notify.o src/monitor.o
 
 EXTENSION = athena_deferred
-DATA = athena_deferred--0.1.0.sql athena_deferred--0.1.0--0.2.0.sql
+DATA = athena_deferred--0.1.0.sql athena_deferred--0.1.0--0.2.0.sql athena_deferred--0.2.0--0.3.0.sql
 
 # the server headers are not -Wextra clean: treat them as system headers
 PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) -Wall -Wextra -Werror

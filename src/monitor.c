@@ -29,7 +29,7 @@ PG_FUNCTION_INFO_V1(deferred_invalidations);
 PG_FUNCTION_INFO_V1(deferred_wait);
 
 /* Number of deferred_stats() columns (fewer in version 0.1.0's signature) */
-#define STATS_COLUMNS 21
+#define STATS_COLUMNS 22
 
 static void
 check_loaded(void)
@@ -105,8 +105,11 @@ deferred_stats(PG_FUNCTION_ARGS)
 	notify_counters(&notifications, &latest_flush);
 	values[19] = Int64GetDatum(notifications);
 	values[20] = Int64GetDatum(latest_flush);
+	LWLockAcquire(q->lock, LW_SHARED);
+	values[21] = Int64GetDatum(q->discarded);
+	LWLockRelease(q->lock);
 
-	/* version 0.1.0 of the SQL declares only the first 14 columns */
+	/* older versions of the SQL declare only the first 14 or 21 columns */
 	if (tupdesc->natts > STATS_COLUMNS)
 		elog(ERROR, "deferred_stats() declares more columns than the library provides");
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));

@@ -40,10 +40,11 @@ is($node->safe_psql('postgres', 'SELECT applied, wal_segments >= 0 FROM deferred
 
 $node->safe_psql('postgres', 'ALTER EXTENSION athena_deferred UPDATE');
 is($node->safe_psql('postgres', q{SELECT extversion FROM pg_extension WHERE extname = 'athena_deferred'}),
-	'0.2.0', 'updated to 0.2.0');
+	'0.3.0', 'updated to 0.3.0 (through 0.2.0)');
 $node->safe_psql('postgres', q{SELECT deferred_insert('t', '{"id": 2}')});
 is($node->safe_psql('postgres', 'SELECT deferred_flush()'), '1', 'queue and flush after the update');
-is($node->safe_psql('postgres', 'SELECT applied FROM deferred_stats'), '2', 'the new stats view counts across the update');
+is($node->safe_psql('postgres', 'SELECT applied, discarded FROM deferred_stats'), '2|0',
+	'the new stats view counts across the update, with the 0.3.0 column');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), '2', 'rows from before and after the update');
 
 $node->safe_psql('postgres', 'CREATE DATABASE fresh');

@@ -140,8 +140,8 @@ my $gamma_oid = $node->safe_psql('postgres', q{SELECT oid FROM pg_database WHERE
 $node->safe_psql('postgres', 'DROP DATABASE gamma WITH (FORCE)');
 ok($node->wait_for_log(qr/LOG:  athena_deferred: discarded 5 pending entries of database $gamma_oid, which was dropped/),
 	'dropped database: its entries are discarded with a LOG line');
-ok($node->poll_query_until('alpha', "SELECT pending = $pending_before FROM deferred_stats()"),
-	'and no longer counted as pending');
+ok($node->poll_query_until('alpha', "SELECT pending = $pending_before AND discarded = 5 FROM deferred_stats()"),
+	'no longer counted as pending, counted as discarded');
 queue_rows('beta', 3001, 3001);
 $node->safe_psql('beta', 'SELECT deferred_flush()');
 is($node->safe_psql('beta', 'SELECT count(*) FROM t WHERE id = 3001'), '1', 'other databases carry on');
