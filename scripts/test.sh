@@ -21,6 +21,17 @@
 # The last line printed is always "N passed, N failed" over all suites.  The
 # exit status is non-zero if anything failed, including a suite that could
 # not run at all (it counts as failed, never as passed) and an empty sql/.
+#
+# t/021_disk_faults.pl fills a filesystem on purpose.  Run as root, this
+# script mounts a small tmpfs for it (SMALL_FS_SIZE, owned by the test user,
+# mode 0700), passes its path in ATHENA_TEST_SMALL_FS and unmounts it on
+# exit, whatever happened.  Not root, it passes ATHENA_TEST_SMALL_FS on as
+# the caller set it (a small filesystem of their own); without one that
+# test fails, saying why.
+#
+# TAP_ONLY="t/021_disk_faults.pl ..." runs only those TAP files (for
+# development): pg_regress, isolation and fuzz are then not run, and the
+# count covers only those files.
 
 set -euo pipefail
 
@@ -36,6 +47,8 @@ TOTAL_BUDGET=${TOTAL_BUDGET:-720}
 TOTAL_PASSED=0
 TOTAL_FAILED=0
 WORK=
+SMALL_FS=           # the tmpfs this script mounted, if any
+SMALL_FS_SIZE=${SMALL_FS_SIZE:-8m}
 FAILED_SUITES=()    # pg_regress / isolation, when they had failures
 FAILED_TAP=()       # TAP files that failed
 
@@ -55,7 +68,16 @@ cleanup() {
             as_test_user "$PG_BINDIR/pg_ctl" -D "$(dirname "$pidfile")" \
                 -m immediate -w stop >/dev/null 2>&1 || true
         done < <(find "$WORK" -name postmaster.pid 2>/dev/null)
-        rm -rf "$WORK"
+        # the servers are gone, so nothing keeps the tmpfs busy; lazily
+        # detach it if something still does, so that rm never crosses it
+        if [ -n "$SMALL_FS" ] && mountpoint -q "$SMALL_FS"; then
+            umount "$SMALL_FS" 2>/dev/null || umount -l "$SMALL_FS" 2>/dev/null || true
+        fi
+        if [ -n "$SMALL_FS" ] && mountpoint -q "$SMALL_FS"; then
+            echo "warning: could not unmount $SMALL_FS; $WORK left in place" >&2
+        else
+            rm -rf "$WORK"
+        fi
     fi
 }
 trap cleanup EXIT
@@ -85,6 +107,22 @@ tar -C "$REPO_ROOT" \
     -cf - . | tar -C "$SRC" -xf -
 chown -R "$(test_user_name)" "$WORK"
 cd "$SRC"
+
+# ---------------------------------------------------------------- small fs
+if [ "$(id -u)" -eq 0 ]; then
+    mkdir "$WORK/small_fs"
+    if mount -t tmpfs -o "size=$SMALL_FS_SIZE,mode=0700,uid=$(id -u postgres),gid=$(id -g postgres)" \
+            athena_deferred_test "$WORK/small_fs"; then
+        SMALL_FS="$WORK/small_fs"
+        ATHENA_TEST_SMALL_FS=$SMALL_FS
+        echo "small filesystem for the disk fault tests: tmpfs of $SMALL_FS_SIZE on $SMALL_FS"
+    else
+        echo "*** could not mount a tmpfs on $WORK/small_fs: t/021_disk_faults.pl will fail"
+        ATHENA_TEST_SMALL_FS=
+    fi
+elif [ -z "${ATHENA_TEST_SMALL_FS:-}" ]; then
+    echo "note: not root and ATHENA_TEST_SMALL_FS not set: t/021_disk_faults.pl will fail"
+fi
 
 START=$(date +%s)
 
@@ -213,19 +251,24 @@ ISOLATION_OPTS=${MAKE_VARS[3]}
 LOCALE_FLAGS=${MAKE_VARS[4]}
 
 # ---------------------------------------------------------------- pg_regress
-warn_unlisted sql sql "$REGRESS"
-if ! run_suite pg_regress "$PGXS_DIR/src/test/regress/pg_regress" . \
-        tmp_regress "$REGRESS" "$REGRESS_OPTS"; then
-    echo "*** no pg_regress tests (REGRESS in the Makefile, sql/): counted as a failure"
-    TOTAL_FAILED=$((TOTAL_FAILED + 1))
-fi
+if [ -n "${TAP_ONLY:-}" ]; then
+    echo
+    echo "=== TAP_ONLY is set: pg_regress, isolation and fuzz are not run"
+else
+    warn_unlisted sql sql "$REGRESS"
+    if ! run_suite pg_regress "$PGXS_DIR/src/test/regress/pg_regress" . \
+            tmp_regress "$REGRESS" "$REGRESS_OPTS"; then
+        echo "*** no pg_regress tests (REGRESS in the Makefile, sql/): counted as a failure"
+        TOTAL_FAILED=$((TOTAL_FAILED + 1))
+    fi
 
 # ---------------------------------------------------------------- isolation
-warn_unlisted specs spec "$ISOLATION"
-if ! run_suite isolation "$PGXS_DIR/src/test/isolation/pg_isolation_regress" \
-        output_iso tmp_isolation "$ISOLATION" "$ISOLATION_OPTS"; then
-    echo "(no isolation specs, skipped)"
-fi
+    warn_unlisted specs spec "$ISOLATION"
+    if ! run_suite isolation "$PGXS_DIR/src/test/isolation/pg_isolation_regress" \
+            output_iso tmp_isolation "$ISOLATION" "$ISOLATION_OPTS"; then
+        echo "(no isolation specs, skipped)"
+    fi
+fi  # TAP_ONLY
 
 # ---------------------------------------------------------------- TAP
 # Same environment as the PGXS prove_installcheck macro: TESTDIR (logs go to
@@ -234,9 +277,20 @@ fi
 # stuck test fails within the time budget and lets the others run.
 # prove runs once per file so that each file gets its own verdict.
 TAP_FILES=()
-for f in t/*.pl; do
-    [ -e "$f" ] && TAP_FILES+=("$f")
-done
+if [ -n "${TAP_ONLY:-}" ]; then
+    read -r -a TAP_FILES <<<"$TAP_ONLY"
+    for f in "${TAP_FILES[@]}"; do
+        if [ ! -e "$f" ]; then
+            echo "*** TAP_ONLY: $f does not exist"
+            TOTAL_FAILED=$((TOTAL_FAILED + 1))
+            finish
+        fi
+    done
+else
+    for f in t/*.pl; do
+        [ -e "$f" ] && TAP_FILES+=("$f")
+    done
+fi
 echo
 echo "=== TAP: ${#TAP_FILES[@]} file(s)"
 if [ "${#TAP_FILES[@]}" -ne 0 ] && [ -z "${MAKE_VARS[5]}" ]; then
@@ -252,6 +306,7 @@ else
     for f in "${TAP_FILES[@]}"; do
         run_logged "$WORK/tap.log" \
             env TESTDIR="$SRC" PGPORT=65432 \
+            ATHENA_TEST_SMALL_FS="${ATHENA_TEST_SMALL_FS:-}" \
             PG_TEST_TIMEOUT_DEFAULT="${PG_TEST_TIMEOUT_DEFAULT:-90}" \
             PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
             prove -I "$PGXS_DIR/src/test/perl/" -I . -I t "$f"
@@ -273,23 +328,25 @@ fi
 # leak or a broken check, or cannot be built.  No server is involved, so it
 # runs as the invoking user (root in CI), with its build in the work dir.
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
-echo
-echo "=== fuzz: WAL reader, ${FUZZ_SECONDS} s per target"
-set +e
-FUZZ_BUILD_DIR="$WORK/fuzz" timeout --kill-after=20 $((FUZZ_SECONDS + 180)) \
-    bash "$SRC/scripts/fuzz.sh" "$FUZZ_SECONDS" 2>&1 | tee "$WORK/fuzz.log"
-FUZZ_RC=${PIPESTATUS[0]}
-set -e
-if [ "$FUZZ_RC" -eq 0 ]; then
-    echo "--- fuzz: 1 passed, 0 failed"
-    TOTAL_PASSED=$((TOTAL_PASSED + 1))
-else
-    if [ "$FUZZ_RC" -eq 124 ] || [ "$FUZZ_RC" -eq 137 ]; then
-        echo "*** timed out"
+if [ -z "${TAP_ONLY:-}" ]; then
+    echo
+    echo "=== fuzz: WAL reader, ${FUZZ_SECONDS} s per target"
+    set +e
+    FUZZ_BUILD_DIR="$WORK/fuzz" timeout --kill-after=20 $((FUZZ_SECONDS + 180)) \
+        bash "$SRC/scripts/fuzz.sh" "$FUZZ_SECONDS" 2>&1 | tee "$WORK/fuzz.log"
+    FUZZ_RC=${PIPESTATUS[0]}
+    set -e
+    if [ "$FUZZ_RC" -eq 0 ]; then
+        echo "--- fuzz: 1 passed, 0 failed"
+        TOTAL_PASSED=$((TOTAL_PASSED + 1))
+    else
+        if [ "$FUZZ_RC" -eq 124 ] || [ "$FUZZ_RC" -eq 137 ]; then
+            echo "*** timed out"
+        fi
+        echo "--- fuzz: 0 passed, 1 failed (exit $FUZZ_RC; run scripts/fuzz.sh to reproduce)"
+        TOTAL_FAILED=$((TOTAL_FAILED + 1))
     fi
-    echo "--- fuzz: 0 passed, 1 failed (exit $FUZZ_RC; run scripts/fuzz.sh to reproduce)"
-    TOTAL_FAILED=$((TOTAL_FAILED + 1))
-fi
+fi  # TAP_ONLY
 
 # ---------------------------------------------------------------- report
 # Why things failed, for CI logs: diffs, server logs, TAP logs.

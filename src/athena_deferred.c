@@ -222,7 +222,7 @@ deferred_define_settings(void)
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("athena_deferred.fault_point",
-							   "Testing only: the named point where the worker or a backend kills itself.",
+							   "Testing only: the named point where the worker or a backend kills itself, or the WAL write or fsync that fails (wal_write, wal_fsync).",
 							   NULL,
 							   &deferred_fault_point, "",
 							   PGC_SUSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);

@@ -41,6 +41,26 @@
 static int	wal_fd = -1;
 static uint64 wal_fd_segno = 0;
 
+/*
+ * The first entry of this backend's latest wal_append(), and whether any of
+ * its bytes may be in the log.  An abort after a write that failed cleanly
+ * (nothing written, or what was written erased) needs no abort marker; on a
+ * full disk it could not write one anyway.
+ */
+static uint64 append_first_qseq = 0;
+static bool append_in_log = false;
+
+/*
+ * Fault points that make an I/O call fail rather than kill the process
+ * (deferred_fault() kills): a device error cannot be had otherwise in a
+ * test.  Set per session, so only that session's calls fail.
+ */
+static bool
+io_fault(const char *point)
+{
+	return deferred_fault_point != NULL && strcmp(deferred_fault_point, point) == 0;
+}
+
 uint64
 wal_segment_bytes(void)
 {
@@ -99,6 +119,11 @@ wal_create_segment(uint64 segno, int elevel)
 			return false;
 		}
 	}
+	/*
+	 * A failed fsync here loses nothing: the file is thrown away, and the
+	 * next attempt writes a new one rather than trusting a second fsync of
+	 * this one.  So this is not a reason to PANIC.
+	 */
 	if (pg_fsync(fd) != 0)
 	{
 		int			save_errno = errno;
@@ -106,7 +131,7 @@ wal_create_segment(uint64 segno, int elevel)
 		close(fd);
 		unlink(tmppath);
 		errno = save_errno;
-		ereport(data_sync_elevel(elevel),
+		ereport(elevel,
 				(errcode_for_file_access(),
 				 errmsg("could not fsync athena_deferred WAL file \"%s\": %m", tmppath)));
 		return false;
@@ -126,7 +151,13 @@ wal_create_segment(uint64 segno, int elevel)
 		return false;
 	}
 	unlink(tmppath);
-	if (fsync_fname_ext(deferred_wal_dir, true, false, elevel) != 0)
+
+	/*
+	 * The directory entry of a segment that may already hold records: as
+	 * for PostgreSQL's own files, a failed fsync is not retried blindly
+	 * (data_sync_retry).
+	 */
+	if (fsync_fname_ext(deferred_wal_dir, true, false, data_sync_elevel(elevel)) != 0)
 		return false;
 
 	if (linked)
@@ -152,8 +183,12 @@ wal_open_segment(uint64 segno, int elevel)
 
 	path = wal_segment_path(segno);
 	wal_fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
-	if (wal_fd < 0 && errno == ENOENT && wal_create_segment(segno, elevel))
+	if (wal_fd < 0 && errno == ENOENT)
+	{
+		if (!wal_create_segment(segno, elevel))
+			return -1;			/* reported */
 		wal_fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+	}
 	if (wal_fd < 0)
 	{
 		ereport(elevel,
@@ -186,39 +221,98 @@ records_fitting(const char *data, Size len, Size room)
 }
 
 /*
+ * The next piece of a write: how many of the records at data + done go to
+ * the segment of *pos, after moving *pos to the start of the next segment
+ * if not even the first record fits where it is.  0 if that record does not
+ * fit in an empty segment either.
+ */
+static Size
+next_chunk(const char *data, Size len, Size done, uint64 *pos)
+{
+	uint64		segsize = wal_segment_bytes();
+	Size		chunk;
+
+	chunk = records_fitting(data + done, len - done, segsize - *pos % segsize);
+	if (chunk == 0 && *pos % segsize != 0)
+	{
+		*pos += segsize - *pos % segsize;
+		chunk = records_fitting(data + done, len - done, segsize);
+	}
+	return chunk;
+}
+
+/* pwrite() of records, or a write that fails half-way (fault point) */
+static ssize_t
+wal_pwrite(int fd, const char *data, Size len, off_t offset)
+{
+	if (io_fault("wal_write"))
+	{
+		ssize_t		half = pg_pwrite(fd, data, len / 2, offset);
+
+		errno = EIO;
+		return half < 0 ? -1 : half;
+	}
+	return pg_pwrite(fd, data, len, offset);
+}
+
+/*
+ * Overwrite [from, upto) with zeros, which readers skip: the bytes a failed
+ * write may have put there.  Caller holds wal_lock.  Returns false if some
+ * could not be overwritten.
+ */
+static bool
+wal_erase(uint64 from, uint64 upto)
+{
+	static const char zeros[8192];
+	uint64		segsize = wal_segment_bytes();
+
+	while (from < upto)
+	{
+		Size		n = Min(Min(upto - from, segsize - from % segsize), sizeof(zeros));
+		int			fd = wal_open_segment(from / segsize, LOG);
+
+		if (fd < 0 || pg_pwrite(fd, zeros, n, (off_t) (from % segsize)) != (ssize_t) n)
+			return false;
+		from += n;
+	}
+	return true;
+}
+
+/*
  * Write framed records at the insert position: as many whole records as
  * fit in the current segment, the rest from the start of the next ones.
  * One write() for a transaction's records unless they span segments.
  * Returns the position just past them, or 0 after reporting a failure at
- * elevel.
+ * elevel.  *in_log tells whether any of the records may be in the log,
+ * also when the write failed.
  */
 static uint64
-wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
+wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 {
 	DeferredShared *q = deferred_shared;
 	uint64		segsize = wal_segment_bytes();
+	uint64		first = 0;
 	uint64		pos;
-	Size		done = 0;
+	Size		done;
 
+	*in_log = false;
 	LWLockAcquire(q->wal_lock, LW_EXCLUSIVE);
-	pos = q->wal_insert_pos;
-	while (done < len)
-	{
-		uint64		segno;
-		Size		chunk;
-		int			fd;
-		int			slot;
-		ssize_t		written;
 
-		chunk = records_fitting(data + done, len - done, segsize - pos % segsize);
+	/*
+	 * Open (creating them if need be) all the segments the records go to
+	 * before writing any.  Creating a segment is what fails on a full disk
+	 * or in an unwritable directory, and then nothing of this write must be
+	 * in the log: records written in part look committed to recovery unless
+	 * an abort marker follows them, and on a full disk the marker cannot be
+	 * written either.
+	 */
+	pos = q->wal_insert_pos;
+	for (done = 0; done < len;)
+	{
+		Size		chunk = next_chunk(data, len, done, &pos);
+
 		if (chunk == 0)
 		{
-			/* not even the next record fits here: go to the next segment */
-			if (pos % segsize != 0)
-			{
-				pos += segsize - pos % segsize;
-				continue;
-			}
 			LWLockRelease(q->wal_lock);
 			ereport(elevel,
 					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -226,30 +320,57 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
 					 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
 			return 0;
 		}
-
-		segno = pos / segsize;
-		fd = wal_open_segment(segno, elevel);
-		if (fd < 0)
+		if (done == 0)
+			first = pos;
+		if (wal_open_segment(pos / segsize, elevel) < 0)
 		{
 			LWLockRelease(q->wal_lock);
 			return 0;
 		}
-		pgstat_report_wait_start(PG_WAIT_EXTENSION);
+		pos += chunk;
+		done += chunk;
+	}
+
+	pos = q->wal_insert_pos;
+	for (done = 0; done < len;)
+	{
+		Size		chunk = next_chunk(data, len, done, &pos);
+		uint64		segno = pos / segsize;
+		int			fd;
+		int			slot;
+		ssize_t		written = -1;
+
+		/* opened above; reopened when the records span segments */
 		errno = 0;
-		written = pg_pwrite(fd, data + done, chunk, (off_t) (pos % segsize));
-		pgstat_report_wait_end();
+		fd = wal_open_segment(segno, LOG);
+		if (fd >= 0)
+		{
+			*in_log = true;
+			pgstat_report_wait_start(PG_WAIT_EXTENSION);
+			errno = 0;
+			written = wal_pwrite(fd, data + done, chunk, (off_t) (pos % segsize));
+			pgstat_report_wait_end();
+		}
 		if (written != (ssize_t) chunk)
 		{
 			/*
-			 * The insert position stays where it was: the next write goes
-			 * over this one.  Records already written for this transaction
-			 * in an earlier segment are abandoned: the transaction aborts,
-			 * and its abort marker or xid keeps them from being applied.
+			 * Only a device error or a filesystem that allocates on overwrite
+			 * gets here: the segments exist.  Erase what this write put in
+			 * the log; the insert position stays where it was, so the next
+			 * write goes over it.  If even that fails, records of a
+			 * transaction that is about to fail may stay in the log, and
+			 * recovery would take them for committed: as PostgreSQL does when
+			 * it cannot write its WAL, PANIC, so that the outcome is in doubt
+			 * for the client rather than reported as an error.
 			 */
-			if (errno == 0)
-				errno = ENOSPC;
+			int			save_errno = errno ? errno : ENOSPC;
+			uint64		upto = pos + (written > 0 ? written : 0);
+
+			if (wal_erase(first, upto))
+				*in_log = false;
 			LWLockRelease(q->wal_lock);
-			ereport(elevel,
+			errno = save_errno;
+			ereport(*in_log && elevel >= ERROR ? PANIC : elevel,
 					(errcode_for_file_access(),
 					 errmsg("could not write to athena_deferred WAL segment %016llX: %m",
 							(unsigned long long) segno)));
@@ -265,9 +386,9 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel)
 		q->seg_max_qseq[slot] = Max(q->seg_max_qseq[slot], max_qseq);
 		pos += chunk;
 		done += chunk;
-		q->wal_insert_pos = pos;
 		q->wal_bytes += chunk;
 	}
+	q->wal_insert_pos = pos;
 	LWLockRelease(q->wal_lock);
 
 	return pos;
@@ -361,9 +482,22 @@ wal_append(DeferredEntry **entries, int nentries)
 		(void) append_record(&buf, entry_record(entries[i]), ERROR);
 		max_qseq = Max(max_qseq, entries[i]->qseq);
 	}
-	end = wal_write(buf.data, buf.len, max_qseq, ERROR);
+	append_first_qseq = entries[0]->qseq;
+	end = wal_write(buf.data, buf.len, max_qseq, ERROR, &append_in_log);
 	pfree(buf.data);
 	return end;
+}
+
+/* fdatasync(), or one that reports a device error (fault point) */
+static int
+wal_fdatasync(int fd)
+{
+	if (io_fault("wal_fsync"))
+	{
+		errno = EIO;
+		return -1;
+	}
+	return pg_fdatasync(fd);
 }
 
 /*
@@ -406,7 +540,7 @@ wal_flush(uint64 upto)
 							(errcode_for_file_access(),
 							 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
 				pgstat_report_wait_start(PG_WAIT_EXTENSION);
-				if (pg_fdatasync(fd) != 0)
+				if (wal_fdatasync(fd) != 0)
 				{
 					int			save_errno = errno;
 
@@ -439,15 +573,19 @@ wal_append_abort(DeferredEntry **entries, int nentries)
 {
 	json_t	   *qseqs;
 	StringInfoData buf;
+	bool		in_log;
 
-	if (!deferred_wal_enabled)
+	if (!deferred_wal_enabled || nentries == 0)
+		return;
+	/* their write failed and left nothing behind */
+	if (entries[0]->qseq == append_first_qseq && !append_in_log)
 		return;
 	qseqs = json_array();
 	for (int i = 0; i < nentries; i++)
 		json_array_append_new(qseqs, json_integer((json_int_t) entries[i]->qseq));
 	initStringInfo(&buf);
 	if (append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", qseqs), WARNING))
-		(void) wal_write(buf.data, buf.len, 0, WARNING);
+		(void) wal_write(buf.data, buf.len, 0, WARNING, &in_log);
 }
 
 /* Make everything written so far durable (the batch-mode background sync) */
