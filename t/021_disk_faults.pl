@@ -50,11 +50,11 @@ CREATE TABLE t (k int, tag text, pad text);
 CREATE TABLE plain (id int);
 });
 
-sub wait_for_worker
+sub wait_for_launcher
 {
 	$node->poll_query_until('postgres',
-		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred'})
-	  or die 'worker did not come back';
+		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred launcher'})
+	  or die 'launcher did not come back';
 }
 
 # Run calls k = $from .. $to, each in its own transaction, in one session;
@@ -126,7 +126,7 @@ sub restart_immediate
 {
 	$node->stop('immediate');
 	$node->start;
-	wait_for_worker();
+	wait_for_launcher();
 	$node->safe_psql('postgres', 'SELECT deferred_flush()');
 }
 
@@ -230,7 +230,7 @@ open(my $tmp, '>', "$waldir/tmp.99999") or die;
 print $tmp "\0" x 1000;
 close($tmp);
 ok(start_after_kill9($node), 'restarted after kill -9 of the postmaster');
-wait_for_worker();
+wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('after'), expect([1 .. 50]), 'after kill -9: acknowledged entries applied once');
 is(applied('full'), expect($full_acked), 'after kill -9: earlier entries still once');
@@ -287,7 +287,7 @@ unlike($out, qr/ack:/, 'fsync failure: no acknowledgement');
 ok($node->wait_for_log(qr/PANIC:  could not fsync athena_deferred WAL file/, $log_offset),
 	'fsync failure with data_sync_retry = off: PANIC');
 ok($node->poll_query_until('postgres', 'SELECT 1', '1'), 'server back after the PANIC');
-wait_for_worker();
+wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 like(applied('sync'), qr/^1,2,3,4,5,6,7,8,9,10(,11)?\|once$/,
 	'after the PANIC: acknowledged entries applied once, the one in doubt at most once');
@@ -304,7 +304,7 @@ isnt($ret, 0, 'fsync failure, transaction with an xid: the commit failed');
 ok($node->wait_for_log(qr/PANIC:  could not fsync athena_deferred WAL file/, $log_offset),
 	'fsync failure, transaction with an xid: PANIC');
 ok($node->poll_query_until('postgres', 'SELECT 1', '1'), 'server back after the second PANIC');
-wait_for_worker();
+wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('sync_xid'), '|once', 'after the PANIC: the uncommitted transaction\'s entry not applied');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM plain'), '0', 'nor its row');
@@ -313,7 +313,7 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM plain'), '0', 'nor its row
 # goes on; the entry is never applied, also after a crash
 $node->append_conf('postgresql.conf', "data_sync_retry = on\n");
 $node->restart;
-wait_for_worker();
+wait_for_launcher();
 $log_offset = -s $node->logfile;
 ($ret, $out, $err) = $node->psql('postgres', q{
 \set VERBOSITY verbose
