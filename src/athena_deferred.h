@@ -370,6 +370,7 @@ typedef struct KeyList
 
 /* entry.c: building entries */
 extern void entry_begin(StringInfo buf);
+extern void entry_reset(StringInfo buf);
 extern void entry_add_part(StringInfo buf, DeferredPartKind kind,
 						   const KeyList *keys, const char *text, int textlen);
 extern char *entry_payload_json(const DeferredEntry *entry);

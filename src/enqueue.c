@@ -33,8 +33,10 @@
 #include "miscadmin.h"
 #include "parser/parse_relation.h"
 #include "pgstat.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -121,20 +123,113 @@ check_not_null(FunctionCallInfo fcinfo, int argno, const char *argname)
 }
 
 /*
- * Open the target and check that it is a table a user could write with
- * plain DML, and that the worker will be able to see.
+ * What a call needs to know about its target table, cached per backend so
+ * that a call neither opens the relation nor reads the catalogs, but for
+ * the privilege check (which must see the privileges of the moment).
+ *
+ * A description is marked stale by the relcache invalidation of its table,
+ * which every change a call depends on sends: ALTER TABLE (columns added,
+ * dropped, renamed, made generated), GRANT and REVOKE, DROP, and the cache
+ * resets that follow a lost invalidation.  Each call still locks the table
+ * (which takes in what other sessions committed); the calling
+ * transaction's own DDL reaches the callback at the next command and its
+ * rollback at abort.  Targets are passed as regclass, so name
+ * lookup (and search_path) is done before the call, by the caller's parser
+ * or plan, and the cache is by OID.
+ *
+ * The callback only marks a description stale: invalidations are also
+ * processed in the middle of a call (on any catalog access), and the call
+ * keeps using what it looked up.  A stale description is rebuilt, and its
+ * memory replaced, at the start of the next call on that table.
  */
-static Relation
-open_target(Oid relid)
+typedef struct TargetColumn
+{
+	const char *name;			/* NUL-terminated */
+	int			len;
+	AttrNumber	attnum;
+	bool		generated;
+} TargetColumn;
+
+typedef struct TargetDesc
+{
+	Oid			relid;			/* hash key */
+	bool		valid;
+	char		relkind;
+	int			ncolumns;
+	TargetColumn *columns;		/* sorted by name (length, then bytes) */
+} TargetDesc;
+
+/* The keys of one JSON object, with the columns they name */
+typedef struct CallKeys
+{
+	KeyList		list;			/* names point into the TargetDesc */
+	AttrNumber *attnums;
+} CallKeys;
+
+static HTAB *target_cache = NULL;
+static MemoryContext target_cache_cxt = NULL;
+
+static void
+target_cache_invalidate(Datum arg pg_attribute_unused(), Oid relid)
+{
+	HASH_SEQ_STATUS status;
+	TargetDesc *desc;
+
+	if (target_cache == NULL)
+		return;
+	if (OidIsValid(relid))
+	{
+		desc = hash_search(target_cache, &relid, HASH_FIND, NULL);
+		if (desc != NULL)
+			desc->valid = false;
+		return;
+	}
+	hash_seq_init(&status, target_cache);
+	while ((desc = hash_seq_search(&status)) != NULL)
+		desc->valid = false;
+}
+
+static int
+target_column_cmp(const void *a, const void *b)
+{
+	const TargetColumn *ca = a;
+	const TargetColumn *cb = b;
+
+	if (ca->len != cb->len)
+		return ca->len < cb->len ? -1 : 1;
+	return memcmp(ca->name, cb->name, ca->len);
+}
+
+/* The name of relid for an error message, looked up only then */
+static const char *
+target_name(Oid relid)
+{
+	char	   *name = get_rel_name(relid);
+
+	return name ? name : psprintf("%u", relid);
+}
+
+/*
+ * Open the target and check that it is a table a user could write with
+ * plain DML, and that the worker will be able to see; describe its columns
+ * into desc.
+ */
+static void
+target_describe(TargetDesc *desc)
 {
 	Relation	rel;
 	char		relkind;
+	TupleDesc	tupdesc;
+	int			n = 0;
+	Size		names = 0;
+	TargetColumn *columns;
+	char	   *p;
 
-	rel = try_relation_open(relid, AccessShareLock);
+	rel = try_relation_open(desc->relid, NoLock);
 	if (rel == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("relation with OID %u does not exist", relid)));
+				 errmsg("relation with OID %u does not exist", desc->relid)));
 
 	relkind = rel->rd_rel->relkind;
 	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
@@ -154,73 +249,205 @@ open_target(Oid relid)
 				 errmsg("cannot queue mutations for temporary table \"%s\"",
 						RelationGetRelationName(rel)),
 				 errdetail("The worker cannot see this session's temporary tables.")));
-	return rel;
+
+	/* the columns a call may name: not dropped, not system columns */
+	tupdesc = RelationGetDescr(rel);
+	for (int i = 0; i < tupdesc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, i);
+
+		if (!att->attisdropped)
+		{
+			n++;
+			names += strlen(NameStr(att->attname)) + 1;
+		}
+	}
+
+	/* one chunk for the array and the names, so that a rebuild frees one */
+	columns = MemoryContextAlloc(target_cache_cxt,
+								 MAXALIGN(sizeof(TargetColumn) * Max(n, 1)) + names);
+	p = (char *) columns + MAXALIGN(sizeof(TargetColumn) * Max(n, 1));
+	n = 0;
+	for (int i = 0; i < tupdesc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, i);
+		int			len;
+
+		if (att->attisdropped)
+			continue;
+		len = strlen(NameStr(att->attname));
+		memcpy(p, NameStr(att->attname), len + 1);
+		columns[n].name = p;
+		columns[n].len = len;
+		columns[n].attnum = att->attnum;
+		columns[n].generated = (att->attgenerated != '\0');
+		p += len + 1;
+		n++;
+	}
+	qsort(columns, n, sizeof(TargetColumn), target_column_cmp);
+
+	if (desc->columns != NULL)
+		pfree(desc->columns);
+	desc->columns = columns;
+	desc->ncolumns = n;
+	desc->relkind = relkind;
+	relation_close(rel, NoLock);
+}
+
+/* The description of the target relid, up to date as of this call */
+static TargetDesc *
+target_lookup(Oid relid)
+{
+	TargetDesc *desc;
+	bool		found;
+
+	if (target_cache == NULL)
+	{
+		HASHCTL		ctl;
+
+		target_cache_cxt = AllocSetContextCreate(CacheMemoryContext,
+												 "athena_deferred targets",
+												 ALLOCSET_SMALL_SIZES);
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(TargetDesc);
+		ctl.hcxt = target_cache_cxt;
+		target_cache = hash_create("athena_deferred targets", 16, &ctl,
+								   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+
+	/*
+	 * Held until the entry is staged, as when the call opened the table:
+	 * the call waits for DDL in progress on it, and taking the lock takes
+	 * in the invalidations of what other sessions committed.
+	 */
+	LockRelationOid(relid, AccessShareLock);
+
+	desc = hash_search(target_cache, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		desc->valid = false;
+		desc->columns = NULL;
+		desc->ncolumns = 0;
+	}
+	while (!desc->valid)
+	{
+		/*
+		 * Set before describing, so that an invalidation that arrives while
+		 * the relation is read (opening it processes invalidations) makes us
+		 * describe it again.
+		 */
+		desc->valid = true;
+		PG_TRY();
+		{
+			target_describe(desc);
+		}
+		PG_CATCH();
+		{
+			/* not a table we can serve (or gone): forget it */
+			if (desc->columns != NULL)
+				pfree(desc->columns);
+			(void) hash_search(target_cache, &relid, HASH_REMOVE, NULL);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	return desc;
+}
+
+/* The column named name (len bytes, not NUL-terminated), or NULL */
+static const TargetColumn *
+target_column(const TargetDesc *desc, const char *name, int len)
+{
+	int			lo = 0;
+	int			hi = desc->ncolumns - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = (lo + hi) / 2;
+		const TargetColumn *col = &desc->columns[mid];
+		int			cmp;
+
+		if (col->len != len)
+			cmp = col->len < len ? -1 : 1;
+		else
+			cmp = memcmp(col->name, name, len);
+		if (cmp == 0)
+			return col;
+		if (cmp < 0)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return NULL;
 }
 
 /* Check the caller's privilege on the table, or else on each column */
 static void
-check_privilege(Relation rel, AclMode mode, const KeyList *keys)
+check_privilege(const TargetDesc *desc, AclMode mode, const CallKeys *keys)
 {
-	Oid			relid = RelationGetRelid(rel);
 	Oid			userid = GetUserId();
 	int			i;
 
-	if (pg_class_aclcheck(relid, userid, mode) == ACLCHECK_OK)
+	if (pg_class_aclcheck(desc->relid, userid, mode) == ACLCHECK_OK)
 		return;
 	if (keys == NULL)
-		aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(rel->rd_rel->relkind),
-					   RelationGetRelationName(rel));
-	for (i = 0; i < keys->nkeys; i++)
+		aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(desc->relkind),
+					   target_name(desc->relid));
+	for (i = 0; i < keys->list.nkeys; i++)
 	{
-		AttrNumber	attnum = attnameAttNum(rel, keys->names[i], false);
+		AttrNumber	attnum = keys->attnums[i];
 
-		if (pg_attribute_aclcheck(relid, attnum, userid, mode) != ACLCHECK_OK)
-			aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(rel->rd_rel->relkind),
-						   RelationGetRelationName(rel));
+		if (pg_attribute_aclcheck(desc->relid, attnum, userid, mode) != ACLCHECK_OK)
+			aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(desc->relkind),
+						   target_name(desc->relid));
 	}
 }
 
 /*
  * Read the keys of one JSON object and check that each names a column of
- * rel that the operation may write (assigning) or compare.
+ * the target that the operation may write (assigning) or compare.  The
+ * names point into desc.
  */
 static void
-read_keys(JsonbContainer *obj, Relation rel, bool assigning, KeyList *keys)
+read_keys(JsonbContainer *obj, const TargetDesc *desc, bool assigning,
+		  CallKeys *keys)
 {
 	JsonbIterator *it = JsonbIteratorInit(obj);
 	JsonbValue	v;
 	JsonbIteratorToken tok;
 	int			n = 0;
-	int			max = JsonContainerSize(obj);
+	int			max = Max(JsonContainerSize(obj), 1);
+	const TargetColumn *col = NULL;
 
-	keys->names = palloc(sizeof(char *) * Max(max, 1));
-	keys->isnull = palloc(sizeof(bool) * Max(max, 1));
+	keys->list.names = palloc(sizeof(char *) * max);
+	keys->list.isnull = palloc(sizeof(bool) * max);
+	keys->attnums = palloc(sizeof(AttrNumber) * max);
 
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
 		if (tok == WJB_KEY)
-			keys->names[n] = pnstrdup(v.val.string.val, v.val.string.len);
+		{
+			col = target_column(desc, v.val.string.val, v.val.string.len);
+			if (col == NULL)
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_COLUMN),
+						 errmsg("column \"%s\" of relation \"%s\" does not exist",
+								pnstrdup(v.val.string.val, v.val.string.len),
+								target_name(desc->relid))));
+			if (assigning && col->generated)
+				ereport(ERROR,
+						(errcode(ERRCODE_GENERATED_ALWAYS),
+						 errmsg("column \"%s\" of relation \"%s\" is a generated column",
+								col->name, target_name(desc->relid)),
+						 errdetail("Generated columns cannot be written.")));
+			/* the cache outlives the call: the entry copies the names */
+			keys->list.names[n] = (char *) col->name;
+			keys->attnums[n] = col->attnum;
+		}
 		else if (tok == WJB_VALUE)
-			keys->isnull[n++] = (v.type == jbvNull);
+			keys->list.isnull[n++] = (v.type == jbvNull);
 	}
-	keys->nkeys = n;
-
-	for (int i = 0; i < n; i++)
-	{
-		AttrNumber	attnum = attnameAttNum(rel, keys->names[i], false);
-
-		if (attnum == InvalidAttrNumber)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_COLUMN),
-					 errmsg("column \"%s\" of relation \"%s\" does not exist",
-							keys->names[i], RelationGetRelationName(rel))));
-		if (assigning && TupleDescAttr(RelationGetDescr(rel), attnum - 1)->attgenerated)
-			ereport(ERROR,
-					(errcode(ERRCODE_GENERATED_ALWAYS),
-					 errmsg("column \"%s\" of relation \"%s\" is a generated column",
-							keys->names[i], RelationGetRelationName(rel)),
-					 errdetail("Generated columns cannot be written.")));
-	}
+	keys->list.nkeys = n;
 }
 
 static bool
@@ -310,35 +537,83 @@ next_entry_id(void)
 }
 
 /*
- * Finish an entry and either apply it at once (enabled = off, returns
- * NULL) or stage it in the current transaction (returns its id).
+ * Buffers a call builds its entry in, kept from call to call: the entry
+ * (header, parts) and the JSON text of the part being built.  A call
+ * copies the finished entry out before anything can call us again (a
+ * trigger, in immediate mode).
+ */
+static StringInfo call_entry = NULL;
+static StringInfo call_text = NULL;
+
+static void
+call_buffers_reset(void)
+{
+	if (call_entry == NULL)
+	{
+		MemoryContext oldcxt = MemoryContextSwitchTo(TopMemoryContext);
+
+		call_entry = makeStringInfo();
+		call_text = makeStringInfo();
+		MemoryContextSwitchTo(oldcxt);
+	}
+	entry_reset(call_entry);
+	resetStringInfo(call_text);
+}
+
+/* After a large entry, give its memory back rather than keep it */
+static void
+call_buffers_trim(void)
+{
+	const int	large = 1024 * 1024;
+
+	if (call_entry->maxlen > large || call_text->maxlen > large)
+	{
+		pfree(call_entry->data);
+		pfree(call_text->data);
+		pfree(call_entry);
+		pfree(call_text);
+		call_entry = call_text = NULL;
+	}
+}
+
+/*
+ * Finish the entry in call_entry and either apply it at once (enabled =
+ * off, returns NULL) or stage it in the current transaction (returns its
+ * id).
  */
 static Datum
-entry_finish(FunctionCallInfo fcinfo, StringInfo buf, Relation rel,
-			 DeferredOp op, int nparts)
+entry_finish(FunctionCallInfo fcinfo, const TargetDesc *desc, DeferredOp op,
+			 int nparts)
 {
 	DeferredEntry hdr;
+	Size		size = call_entry->len;
 
 	memset(&hdr, 0, sizeof(hdr));
-	hdr.size = buf->len;
+	hdr.size = size;
 	hdr.op = op;
 	hdr.nparts = nparts;
 	hdr.dbid = MyDatabaseId;
 	hdr.roleid = GetUserId();
-	hdr.relid = RelationGetRelid(rel);
+	hdr.relid = desc->relid;
 	hdr.enqueued_at = GetCurrentTimestamp();
 
 	if (!deferred_enabled)
 	{
 		NotifyTally *tally = notify_tally_create();
-		char	   *relname = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-														 RelationGetRelationName(rel));
+		Oid			nspid = get_rel_namespace(hdr.relid);
+		char	   *relname = quote_qualified_identifier(get_namespace_name(nspid),
+														 get_rel_name(hdr.relid));
+		DeferredEntry *entry = palloc(size);
 		int64		rows;
 
-		memcpy(buf->data, &hdr, sizeof(hdr));
-		relation_close(rel, AccessShareLock);
+		UnlockRelationOid(hdr.relid, AccessShareLock);
+
+		/* the statement may call us again, from a trigger */
+		memcpy(entry, call_entry->data, size);
+		memcpy(entry, &hdr, sizeof(hdr));
+		call_buffers_trim();
 		SPI_connect();
-		flush_apply_entry((DeferredEntry *) buf->data, relname, &rows);
+		flush_apply_entry(entry, relname, &rows);
 		SPI_finish();
 		notify_tally_add(tally, hdr.relid, op, 1, rows);
 		notify_tally_send(tally);
@@ -346,32 +621,34 @@ entry_finish(FunctionCallInfo fcinfo, StringInfo buf, Relation rel,
 	}
 	else
 	{
-		MemoryContext oldcxt;
 		StagedEntry *se;
 
-		relation_close(rel, AccessShareLock);
+		UnlockRelationOid(hdr.relid, AccessShareLock);
 		hdr.id = next_entry_id();
 
-		queue_account(hdr.size, deferred_enqueue_timeout_ms);
+		queue_account(size, deferred_enqueue_timeout_ms);
 
 		/* the space is ours until the entry is staged: give it back on failure */
 		PG_TRY();
 		{
-			oldcxt = MemoryContextSwitchTo(TopTransactionContext);
-			se = palloc(sizeof(StagedEntry));
+			MemoryContext oldcxt = MemoryContextSwitchTo(TopTransactionContext);
+
+			/* one chunk for both, freed with the transaction */
+			se = palloc(MAXALIGN(sizeof(StagedEntry)) + size);
 			se->nestlevel = GetCurrentTransactionNestLevel();
-			se->entry = palloc(hdr.size);
-			memcpy(se->entry, buf->data, hdr.size);
+			se->entry = (DeferredEntry *) ((char *) se + MAXALIGN(sizeof(StagedEntry)));
+			memcpy(se->entry, call_entry->data, size);
 			memcpy(se->entry, &hdr, sizeof(hdr));
 			staged = lappend(staged, se);
 			MemoryContextSwitchTo(oldcxt);
 		}
 		PG_CATCH();
 		{
-			queue_unaccount(hdr.size);
+			queue_unaccount(size);
 			PG_RE_THROW();
 		}
 		PG_END_TRY();
+		call_buffers_trim();
 
 		PG_RETURN_INT64(hdr.id);
 	}
@@ -386,11 +663,10 @@ entry_finish(FunctionCallInfo fcinfo, StringInfo buf, Relation rel,
 Datum
 deferred_insert(PG_FUNCTION_ARGS)
 {
-	Relation	rel;
+	TargetDesc *desc;
 	Jsonb	   *rows;
-	StringInfoData buf;
-	StringInfoData text;
-	KeyList		group = {0};
+	StringInfo	text;
+	CallKeys	group = {0};
 	int			nparts = 0;
 	int			nrows = 0;
 	JsonbIterator *it;
@@ -400,7 +676,7 @@ deferred_insert(PG_FUNCTION_ARGS)
 	check_call_context("deferred_insert()");
 	check_not_null(fcinfo, 0, "target");
 	check_not_null(fcinfo, 1, "rows");
-	rel = open_target(PG_GETARG_OID(0));
+	desc = target_lookup(PG_GETARG_OID(0));
 	rows = PG_GETARG_JSONB_P(1);
 
 	if (JB_ROOT_IS_SCALAR(rows) || !(JB_ROOT_IS_OBJECT(rows) || JB_ROOT_IS_ARRAY(rows)))
@@ -412,8 +688,8 @@ deferred_insert(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("argument \"rows\" must not be an empty array")));
 
-	entry_begin(&buf);
-	initStringInfo(&text);
+	call_buffers_reset();
+	text = call_text;
 
 	/* an object is one row; an array is walked element by element */
 	if (JB_ROOT_IS_OBJECT(rows))
@@ -432,7 +708,7 @@ deferred_insert(PG_FUNCTION_ARGS)
 
 	for (; tok == WJB_ELEM; tok = it ? JsonbIteratorNext(&it, &v, true) : WJB_DONE)
 	{
-		KeyList		keys;
+		CallKeys	keys;
 
 		if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
 			ereport(ERROR,
@@ -444,8 +720,8 @@ deferred_insert(PG_FUNCTION_ARGS)
 					 errmsg("element %d of argument \"rows\" is an empty object", nrows + 1),
 					 errhint("Name at least one column; absent columns take their defaults.")));
 
-		read_keys(v.val.binary.data, rel, true, &keys);
-		if (nrows > 0 && !keylists_equal(&keys, &group))
+		read_keys(v.val.binary.data, desc, true, &keys);
+		if (nrows > 0 && !keylists_equal(&keys.list, &group.list))
 		{
 			if (nparts + 1 >= PG_UINT16_MAX)
 				ereport(ERROR,
@@ -454,92 +730,79 @@ deferred_insert(PG_FUNCTION_ARGS)
 						 errdetail("Rows are grouped into runs with the same columns; at most %d runs fit in one entry.",
 								   PG_UINT16_MAX - 1),
 						 errhint("Sort the rows by the columns they name, or split them into several calls.")));
-			appendStringInfoChar(&text, ']');
-			entry_add_part(&buf, PART_ROWS, &group, text.data, text.len);
+			appendStringInfoChar(text, ']');
+			entry_add_part(call_entry, PART_ROWS, &group.list, text->data, text->len);
 			nparts++;
-			resetStringInfo(&text);
+			resetStringInfo(text);
 		}
-		if (text.len == 0)
+		if (text->len == 0)
 		{
-			check_privilege(rel, ACL_INSERT, &keys);
+			check_privilege(desc, ACL_INSERT, &keys);
 			group = keys;
-			appendStringInfoChar(&text, '[');
+			appendStringInfoChar(text, '[');
 		}
 		else
-			appendStringInfoChar(&text, ',');
-		(void) JsonbToCString(&text, v.val.binary.data, 64);
+			appendStringInfoChar(text, ',');
+		(void) JsonbToCString(text, v.val.binary.data, 64);
 		nrows++;
 	}
-	appendStringInfoChar(&text, ']');
-	entry_add_part(&buf, PART_ROWS, &group, text.data, text.len);
+	appendStringInfoChar(text, ']');
+	entry_add_part(call_entry, PART_ROWS, &group.list, text->data, text->len);
 	nparts++;
 
-	return entry_finish(fcinfo, &buf, rel, DEFERRED_INSERT, nparts);
+	return entry_finish(fcinfo, desc, DEFERRED_INSERT, nparts);
 }
 
-/* Add the match part shared by update and delete */
+/* Add a match or changes part: an object argument whose keys name columns */
 static void
-add_match_part(StringInfo buf, Relation rel, Jsonb *match)
+add_object_part(const TargetDesc *desc, Jsonb *arg, const char *argname,
+				DeferredPartKind kind, AclMode mode)
 {
-	JsonbContainer *obj = object_argument(match, "match");
-	KeyList		keys;
-	StringInfoData text;
+	JsonbContainer *obj = object_argument(arg, argname);
+	CallKeys	keys;
 
-	read_keys(obj, rel, false, &keys);
-	check_privilege(rel, ACL_SELECT, &keys);
-	initStringInfo(&text);
-	(void) JsonbToCString(&text, obj, VARSIZE(match));
-	entry_add_part(buf, PART_MATCH, &keys, text.data, text.len);
+	read_keys(obj, desc, kind == PART_CHANGES, &keys);
+	check_privilege(desc, mode, &keys);
+	resetStringInfo(call_text);
+	(void) JsonbToCString(call_text, obj, VARSIZE(arg));
+	entry_add_part(call_entry, kind, &keys.list, call_text->data, call_text->len);
 }
 
 /* deferred_update(target regclass, match jsonb, changes jsonb) RETURNS bigint */
 Datum
 deferred_update(PG_FUNCTION_ARGS)
 {
-	Relation	rel;
-	StringInfoData buf;
-	StringInfoData text;
-	JsonbContainer *obj;
-	Jsonb	   *changes;
-	KeyList		keys;
+	TargetDesc *desc;
 
 	check_call_context("deferred_update()");
 	check_not_null(fcinfo, 0, "target");
 	check_not_null(fcinfo, 1, "match");
 	check_not_null(fcinfo, 2, "changes");
-	rel = open_target(PG_GETARG_OID(0));
+	desc = target_lookup(PG_GETARG_OID(0));
 
-	entry_begin(&buf);
-	add_match_part(&buf, rel, PG_GETARG_JSONB_P(1));
+	call_buffers_reset();
+	add_object_part(desc, PG_GETARG_JSONB_P(1), "match", PART_MATCH, ACL_SELECT);
+	add_object_part(desc, PG_GETARG_JSONB_P(2), "changes", PART_CHANGES, ACL_UPDATE);
 
-	changes = PG_GETARG_JSONB_P(2);
-	obj = object_argument(changes, "changes");
-	read_keys(obj, rel, true, &keys);
-	check_privilege(rel, ACL_UPDATE, &keys);
-	initStringInfo(&text);
-	(void) JsonbToCString(&text, obj, VARSIZE(changes));
-	entry_add_part(&buf, PART_CHANGES, &keys, text.data, text.len);
-
-	return entry_finish(fcinfo, &buf, rel, DEFERRED_UPDATE, 2);
+	return entry_finish(fcinfo, desc, DEFERRED_UPDATE, 2);
 }
 
 /* deferred_delete(target regclass, match jsonb) RETURNS bigint */
 Datum
 deferred_delete(PG_FUNCTION_ARGS)
 {
-	Relation	rel;
-	StringInfoData buf;
+	TargetDesc *desc;
 
 	check_call_context("deferred_delete()");
 	check_not_null(fcinfo, 0, "target");
 	check_not_null(fcinfo, 1, "match");
-	rel = open_target(PG_GETARG_OID(0));
-	check_privilege(rel, ACL_DELETE, NULL);
+	desc = target_lookup(PG_GETARG_OID(0));
+	check_privilege(desc, ACL_DELETE, NULL);
 
-	entry_begin(&buf);
-	add_match_part(&buf, rel, PG_GETARG_JSONB_P(1));
+	call_buffers_reset();
+	add_object_part(desc, PG_GETARG_JSONB_P(1), "match", PART_MATCH, ACL_SELECT);
 
-	return entry_finish(fcinfo, &buf, rel, DEFERRED_DELETE, 1);
+	return entry_finish(fcinfo, desc, DEFERRED_DELETE, 1);
 }
 
 /*
@@ -782,6 +1045,7 @@ enqueue_subxact_callback(SubXactEvent event,
 void
 enqueue_init(void)
 {
+	CacheRegisterRelcacheCallback(target_cache_invalidate, (Datum) 0);
 	RegisterXactCallback(enqueue_xact_callback, NULL);
 	RegisterSubXactCallback(enqueue_subxact_callback, NULL);
 }

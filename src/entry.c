@@ -20,6 +20,14 @@ entry_begin(StringInfo buf)
 	appendStringInfoSpaces(buf, MAXALIGN(sizeof(DeferredEntry)));
 }
 
+/* The same in a buffer used before, keeping its memory */
+void
+entry_reset(StringInfo buf)
+{
+	resetStringInfo(buf);
+	appendStringInfoSpaces(buf, MAXALIGN(sizeof(DeferredEntry)));
+}
+
 static void
 append_padding(StringInfo buf)
 {

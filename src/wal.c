@@ -32,6 +32,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/fd.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "athena_deferred.h"
@@ -420,45 +421,295 @@ append_record(StringInfo buf, json_t *rec, int elevel)
 	return true;
 }
 
-/* An entry as a WAL record: everything needed to queue it again */
-static json_t *
-entry_record(const DeferredEntry *e)
+/*
+ * An entry as a WAL record: everything needed to queue it again.
+ *
+ * {"t":"e","id":..,"q":..,"db":..,"role":..,"rel":..,"op":..,"xid":..,
+ *  "at":..,"att":..,"p":[{"k":..,"c":[names],"n":"vn..","j":"text"},..]}
+ *
+ * The tree of jansson values is built once per backend and kept: each
+ * commit only sets its numbers and strings and dumps it.  Building and
+ * freeing the tree for every entry cost more than the dump itself.  The
+ * column arrays of a part are rebuilt only when its names differ from the
+ * previous entry's, which is rare: a session mostly queues the same kind
+ * of row.
+ */
+typedef struct RecordPart
 {
-	json_t	   *parts = json_array();
+	json_t	   *obj;			/* {"k":..,"c":..,"n":..,"j":..} */
+	json_t	   *kind;
+	json_t	   *text;
+	char	   *names;			/* the name list c and n were built from */
+	uint32		namelen;
+} RecordPart;
+
+typedef struct RecordTemplate
+{
+	json_t	   *rec;
+	json_t	   *id;
+	json_t	   *qseq;
+	json_t	   *db;
+	json_t	   *role;
+	json_t	   *rel;
+	json_t	   *op;
+	json_t	   *xid;
+	json_t	   *at;
+	json_t	   *att;
+	json_t	   *parts;			/* the "p" array */
+	int			nparts;			/* its current length */
+	int			maxparts;
+	RecordPart *part;			/* maxparts of them, in TopMemoryContext */
+} RecordTemplate;
+
+static RecordTemplate tmpl;
+
+/* The framed records of one commit, kept between commits */
+static char *record_buf = NULL;
+static Size record_buf_size = 0;
+
+/* Make record_buf at least size bytes long, keeping its contents */
+static void
+record_buf_reserve(Size size)
+{
+	Size		newsize;
+
+	if (size <= record_buf_size)
+		return;
+	newsize = Max(record_buf_size, 8192);
+	while (newsize < size)
+		newsize *= 2;
+	if (record_buf == NULL)
+		record_buf = MemoryContextAllocHuge(TopMemoryContext, newsize);
+	else
+		record_buf = repalloc_huge(record_buf, newsize);
+	record_buf_size = newsize;
+}
+
+/* jansson fails to build values only when out of memory */
+pg_attribute_noreturn()
+static void
+record_oom(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OUT_OF_MEMORY),
+			 errmsg("out of memory building an athena_deferred WAL record")));
+}
+
+static json_t *
+json_checked(json_t *value)
+{
+	if (value == NULL)
+		record_oom();
+	return value;
+}
+
+/*
+ * An empty jansson object.  Not through jansson's json_object: the server
+ * exports a SQL function of that name, which the dynamic linker picks.
+ */
+static json_t *
+empty_object(void)
+{
+	return json_checked(json_pack("{}"));
+}
+
+static void
+template_init(void)
+{
+	json_t	   *rec = empty_object();
+
+	/* the keys in the order the records have always had */
+	json_object_set_new_nocheck(rec, "t", json_checked(json_string_nocheck("e")));
+	json_object_set_new_nocheck(rec, "id", tmpl.id = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "q", tmpl.qseq = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "db", tmpl.db = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "role", tmpl.role = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "rel", tmpl.rel = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "op", tmpl.op = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "xid", tmpl.xid = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "at", tmpl.at = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "att", tmpl.att = json_checked(json_integer(0)));
+	json_object_set_new_nocheck(rec, "p", tmpl.parts = json_checked(json_array()));
+	if (json_object_size(rec) != 11)
+	{
+		json_decref(rec);
+		record_oom();
+	}
+	tmpl.rec = rec;
+}
+
+/* Point template part i at the names of part (a DeferredPart name list) */
+static void
+template_part_names(RecordPart *rp, const DeferredPart *part)
+{
+	json_t	   *cols = json_checked(json_array());
+	const char *name = part_names(part);
+	char	   *nulls = palloc(part->ncols + 1);
+
+	for (int c = 0; c < part->ncols; c++)
+	{
+		size_t		len;
+
+		nulls[c] = *name++;
+		len = strlen(name);
+		if (json_array_append_new(cols, json_checked(json_stringn_nocheck(name, len))) != 0)
+		{
+			json_decref(cols);
+			record_oom();
+		}
+		name += len + 1;
+	}
+	nulls[part->ncols] = '\0';
+
+	/* forget the old names first: a failure below leaves no stale match */
+	rp->namelen = 0;
+	if (json_object_set_new_nocheck(rp->obj, "c", cols) != 0 ||
+		json_object_set_new_nocheck(rp->obj, "n", json_checked(json_string_nocheck(nulls))) != 0)
+		record_oom();
+	pfree(nulls);
+
+	if (rp->names != NULL)
+		pfree(rp->names);
+	rp->names = MemoryContextAlloc(TopMemoryContext, Max(part->namelen, 1));
+	memcpy(rp->names, part_names(part), part->namelen);
+	rp->namelen = part->namelen;
+}
+
+/* Make the template hold entry e */
+static void
+template_set(const DeferredEntry *e)
+{
 	const DeferredPart *part = entry_first_part(e);
+
+	if (tmpl.rec == NULL)
+		template_init();
+
+	json_integer_set(tmpl.id, (json_int_t) e->id);
+	json_integer_set(tmpl.qseq, (json_int_t) e->qseq);
+	json_integer_set(tmpl.db, (json_int_t) e->dbid);
+	json_integer_set(tmpl.role, (json_int_t) e->roleid);
+	json_integer_set(tmpl.rel, (json_int_t) e->relid);
+	json_integer_set(tmpl.op, (json_int_t) e->op);
+	json_integer_set(tmpl.xid, (json_int_t) e->xid);
+	json_integer_set(tmpl.at, (json_int_t) e->enqueued_at);
+	json_integer_set(tmpl.att, (json_int_t) e->attempts);
+
+	if (e->nparts > tmpl.maxparts)
+	{
+		int			newmax = Max(e->nparts, 4);
+
+		if (tmpl.part == NULL)
+			tmpl.part = MemoryContextAllocZero(TopMemoryContext, sizeof(RecordPart) * newmax);
+		else
+		{
+			tmpl.part = repalloc(tmpl.part, sizeof(RecordPart) * newmax);
+			memset(tmpl.part + tmpl.maxparts, 0, sizeof(RecordPart) * (newmax - tmpl.maxparts));
+		}
+		tmpl.maxparts = newmax;
+	}
+
+	/* the "p" array holds the first nparts part objects */
+	if (tmpl.nparts != e->nparts)
+	{
+		json_array_clear(tmpl.parts);
+		tmpl.nparts = 0;
+	}
 
 	for (int i = 0; i < e->nparts; i++, part = part_next(part))
 	{
-		json_t	   *cols = json_array();
-		const char *name = part_names(part);
-		StringInfoData nulls;
+		RecordPart *rp = &tmpl.part[i];
 
-		initStringInfo(&nulls);
-		for (int c = 0; c < part->ncols; c++)
+		if (rp->obj == NULL)
 		{
-			appendStringInfoChar(&nulls, *name++);
-			json_array_append_new(cols, json_stringn_nocheck(name, strlen(name)));
-			name += strlen(name) + 1;
+			json_t	   *obj = empty_object();
+
+			json_object_set_new_nocheck(obj, "k", rp->kind = json_checked(json_integer(0)));
+			json_object_set_new_nocheck(obj, "c", json_checked(json_array()));
+			json_object_set_new_nocheck(obj, "n", json_checked(json_string_nocheck("")));
+			json_object_set_new_nocheck(obj, "j", rp->text = json_checked(json_string_nocheck("")));
+			if (json_object_size(obj) != 4)
+			{
+				json_decref(obj);
+				record_oom();
+			}
+			rp->obj = obj;
 		}
-		json_array_append_new(parts,
-							  json_pack("{s:i, s:o, s:s, s:o}",
-										"k", (int) part->kind,
-										"c", cols,
-										"n", nulls.data,
-										"j", json_stringn_nocheck(part_text(part), part->textlen)));
+		json_integer_set(rp->kind, (json_int_t) part->kind);
+		if (rp->namelen != part->namelen || rp->namelen == 0 ||
+			memcmp(rp->names, part_names(part), part->namelen) != 0)
+			template_part_names(rp, part);
+		if (json_string_setn_nocheck(rp->text, part_text(part), part->textlen) != 0)
+			record_oom();
 	}
-	return json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:i, s:I, s:I, s:I, s:o}",
-					 "t", "e",
-					 "id", (json_int_t) e->id,
-					 "q", (json_int_t) e->qseq,
-					 "db", (json_int_t) e->dbid,
-					 "role", (json_int_t) e->roleid,
-					 "rel", (json_int_t) e->relid,
-					 "op", (int) e->op,
-					 "xid", (json_int_t) e->xid,
-					 "at", (json_int_t) e->enqueued_at,
-					 "att", (json_int_t) e->attempts,
-					 "p", parts);
+
+	if (tmpl.nparts == 0)
+	{
+		for (int i = 0; i < e->nparts; i++)
+		{
+			if (json_array_append(tmpl.parts, tmpl.part[i].obj) != 0)
+			{
+				json_array_clear(tmpl.parts);
+				record_oom();
+			}
+		}
+		tmpl.nparts = e->nparts;
+	}
+}
+
+/*
+ * After a large entry, give its copies back rather than keep them for the
+ * life of the backend.
+ */
+static void
+template_forget_large(void)
+{
+	const Size	large = 1024 * 1024;
+
+	for (int i = 0; i < tmpl.nparts; i++)
+	{
+		if (json_string_length(tmpl.part[i].text) > large / 16)
+			(void) json_string_setn_nocheck(tmpl.part[i].text, "", 0);
+	}
+	if (record_buf_size > large)
+	{
+		pfree(record_buf);
+		record_buf = NULL;
+		record_buf_size = 0;
+	}
+}
+
+/*
+ * Dump entry e as a framed record at offset off of record_buf, growing it
+ * as needed.  Returns the record's size.
+ */
+static Size
+record_append(const DeferredEntry *e, Size off)
+{
+	Size		room;
+	size_t		len;
+
+	template_set(e);
+
+	/* most records fit at the first try: escaping rarely doubles the text */
+	record_buf_reserve(off + WAL_RECORD_HEADER + 2 * (Size) e->size + 256);
+	room = record_buf_size - off - WAL_RECORD_HEADER;
+	len = json_dumpb(tmpl.rec, record_buf + off + WAL_RECORD_HEADER, room, JSON_COMPACT);
+	if (len > room)
+	{
+		record_buf_reserve(off + wal_record_size(len));
+		room = record_buf_size - off - WAL_RECORD_HEADER;
+		len = json_dumpb(tmpl.rec, record_buf + off + WAL_RECORD_HEADER, room, JSON_COMPACT);
+	}
+	if (len == 0 || len > room || len > PG_UINT32_MAX - 64)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+				 errmsg("could not write an athena_deferred WAL record"),
+				 errdetail("Names and values must be valid UTF-8.")));
+
+	/* room for the padding, which the seal zeroes */
+	record_buf_reserve(off + wal_record_size(len));
+	wal_record_seal(record_buf + off, (uint32) len);
+	return wal_record_size(len);
 }
 
 /*
@@ -469,22 +720,21 @@ entry_record(const DeferredEntry *e)
 uint64
 wal_append(DeferredEntry **entries, int nentries)
 {
-	StringInfoData buf;
 	uint64		max_qseq = 0;
+	Size		len = 0;
 	uint64		end;
 
 	if (!deferred_wal_enabled)
 		return 0;
 
-	initStringInfo(&buf);
 	for (int i = 0; i < nentries; i++)
 	{
-		(void) append_record(&buf, entry_record(entries[i]), ERROR);
+		len += record_append(entries[i], len);
 		max_qseq = Max(max_qseq, entries[i]->qseq);
 	}
 	append_first_qseq = entries[0]->qseq;
-	end = wal_write(buf.data, buf.len, max_qseq, ERROR, &append_in_log);
-	pfree(buf.data);
+	end = wal_write(record_buf, len, max_qseq, ERROR, &append_in_log);
+	template_forget_large();
 	return end;
 }
 

@@ -32,15 +32,21 @@ crc_of(const void *data, size_t len)
 void
 wal_record_frame(char *dst, const char *payload, uint32 len)
 {
+	memcpy(dst + WAL_RECORD_HEADER, payload, len);
+	wal_record_seal(dst, len);
+}
+
+void
+wal_record_seal(char *dst, uint32 len)
+{
 	uint32		hdr[4];
 	size_t		total = wal_record_size(len);
 
 	hdr[0] = WAL_RECORD_MAGIC;
 	hdr[1] = len;
-	hdr[2] = crc_of(payload, len);
+	hdr[2] = crc_of(dst + WAL_RECORD_HEADER, len);
 	hdr[3] = crc_of(hdr, 3 * sizeof(uint32));
 	memcpy(dst, hdr, WAL_RECORD_HEADER);
-	memcpy(dst + WAL_RECORD_HEADER, payload, len);
 	memset(dst + WAL_RECORD_HEADER + len, 0, total - WAL_RECORD_HEADER - len);
 }
 

@@ -41,6 +41,12 @@ wal_record_size(size_t len)
 /* Write the record for payload into dst (wal_record_size(len) bytes) */
 extern void wal_record_frame(char *dst, const char *payload, uint32 len);
 
+/*
+ * The same for a payload already in place at dst + WAL_RECORD_HEADER (a
+ * writer that dumps its JSON straight into the record saves a copy)
+ */
+extern void wal_record_seal(char *dst, uint32 len);
+
 /* What the reader found in one segment */
 typedef struct WalScanStats
 {
