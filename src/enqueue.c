@@ -818,22 +818,26 @@ deferred_flush(PG_FUNCTION_ARGS)
 	DeferredShared *q = deferred_shared;
 	int			timeout_ms = PG_ARGISNULL(0) ? 30000 : PG_GETARG_INT32(0);
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
-	uint64		target;
+	uint64		target = 0;
 	int64		applied_before;
 	int64		applied_after;
 
 	check_call_context("deferred_flush()");
 
 	applied_before = q->applied;
-	target = queue_request_flush();
 
 	for (;;)
 	{
 		bool		settled;
 		long		remaining;
 
-		/* before recovery, what was committed before a restart is not settled */
-		settled = queue_flushed(target);
+		/*
+		 * Before recovery, entries committed before a restart are not in
+		 * the queue yet: the target is taken once they are.
+		 */
+		if (target == 0)
+			target = queue_request_flush();
+		settled = target != 0 && queue_flushed(target);
 		applied_after = q->applied;
 		if (settled)
 			break;

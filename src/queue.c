@@ -657,6 +657,7 @@ queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
 	LWLockRelease(q->lock);
 
 	ConditionVariableBroadcast(&q->space_cv);
+	ConditionVariableBroadcast(&q->settled_cv);
 }
 
 /* Wake the database's worker, or the launcher to start one */
@@ -687,7 +688,8 @@ queue_wake_launcher(void)
 
 /*
  * deferred_flush(): ask for every entry of this database committed so far
- * to be settled; returns the qseq to wait for with queue_flushed().
+ * to be settled; returns the qseq to wait for with queue_flushed(), or 0
+ * while the queue is not recovered yet.
  */
 uint64
 queue_request_flush(void)
@@ -697,6 +699,12 @@ queue_request_flush(void)
 	uint64		target;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	if (!q->recovered)
+	{
+		LWLockRelease(q->lock);
+		queue_wake_launcher();
+		return 0;
+	}
 	target = q->next_qseq;
 	db = queue_database_slot(MyDatabaseId, false);
 	if (db != NULL && db->flush_requested_qseq < target)
