@@ -233,7 +233,9 @@ deferred_define_settings(void)
 /*
  * DROP EXTENSION (directly, or through DROP SCHEMA ... CASCADE) while this
  * database has entries in the queue would leave acknowledged mutations
- * with nothing to apply them: refuse it.
+ * with nothing to apply them: refuse it.  Otherwise log that the
+ * database's entries so far are settled (a call racing with the drop gets
+ * a later number and is kept).
  */
 static void
 deferred_object_access(ObjectAccessType access, Oid classId, Oid objectId,
@@ -246,10 +248,11 @@ deferred_object_access(ObjectAccessType access, Oid classId, Oid objectId,
 	{
 		char	   *name = get_extension_name(objectId);
 		int64		pending;
+		uint64		upto;
 
 		if (name == NULL || strcmp(name, ATHENA_EXTENSION_NAME) != 0)
 			return;
-		pending = queue_database_pending();
+		pending = queue_database_pending(&upto);
 		if (pending > 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_OBJECT_IN_USE),
@@ -257,6 +260,7 @@ deferred_object_access(ObjectAccessType access, Oid classId, Oid objectId,
 					 errdetail("Pending entries: " INT64_FORMAT ". Dropping the extension would leave acknowledged mutations unapplied.",
 							   pending),
 					 errhint("Apply them first with SELECT deferred_flush(); entries that keep failing end in deferred_dead_letters.")));
+		wal_append_database_settled(MyDatabaseId, upto);
 	}
 }
 

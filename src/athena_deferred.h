@@ -96,7 +96,8 @@ typedef enum EntryOutcome
 
 typedef struct OutcomeSlot
 {
-	int64		id;
+	int64		id;				/* unique within its database */
+	Oid			dbid;
 	uint8		outcome;		/* EntryOutcome */
 } OutcomeSlot;
 
@@ -151,7 +152,7 @@ typedef struct DeferredPart
  * Databases that have entries in the queue, or a worker, at most this many
  * at a time
  */
-#define DEFERRED_MAX_DATABASES	64
+#define DEFERRED_MAX_DATABASES	256
 
 /*
  * One database with entries in the queue (queue.c).  A slot is taken by the
@@ -186,10 +187,6 @@ typedef struct DeferredShared
 	uint64		next_qseq;		/* next commit-order sequence number */
 	uint64		settled_qseq;	/* every entry below this is settled */
 
-	/* entry ids handed out from a block of the id sequence (enqueue.c) */
-	slock_t		id_mutex;
-	int64		next_id;		/* id_mutex */
-	int64		id_limit;		/* id_mutex: end of the block */
 
 	/* counters for deferred_stats() */
 	int64		pending;		/* published, not yet settled */
@@ -288,7 +285,7 @@ extern void queue_restore(DeferredEntry **entries, int nentries,
 						  uint64 next_qseq);
 extern uint64 queue_request_flush(void);
 extern bool queue_flushed(uint64 target);
-extern int64 queue_database_pending(void);
+extern int64 queue_database_pending(uint64 *next_qseq);
 extern DeferredDatabase *queue_database_slot(Oid dbid, bool create);
 extern int64 queue_discard_database(Oid dbid);
 
@@ -297,6 +294,7 @@ extern uint64 wal_append(DeferredEntry **entries, int nentries);
 extern void wal_flush(uint64 upto);
 extern void wal_flush_written(void);
 extern void wal_append_abort(DeferredEntry **entries, int nentries);
+extern void wal_append_database_settled(Oid dbid, uint64 upto);
 extern long wal_sync_due_in(void);
 extern void wal_remove_settled(uint64 settled_qseq);
 extern void wal_prepare_segments(void);
@@ -331,6 +329,7 @@ typedef struct NotifyTally NotifyTally;
 /* One table touched by one flush, as deferred_invalidations() lists it */
 typedef struct InvalidationSlot
 {
+	Oid			dbid;			/* listed only in this database */
 	int64		flush;
 	TimestampTz flushed_at;
 	NameData	schema;

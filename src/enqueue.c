@@ -477,27 +477,25 @@ object_argument(Jsonb *jb, const char *argname)
 }
 
 /*
- * Next entry id.  Ids come from the extension's sequence in blocks of its
- * increment (1024 since version 0.2.0), handed out one by one from shared
- * memory: one nextval -- which WAL-logs now and then, and so takes an xid
- * and a WAL flush at commit -- per block rather than per call.  A block's
- * start is durable before any of its ids is acknowledged: a transaction
- * with an xid flushes PostgreSQL's WAL before writing ours (pre-commit).
- * After a restart shared memory is empty and the next block starts past
- * every block handed out before.
+ * Next entry id.  Ids come from the database's deferred_entry_id_seq in
+ * blocks of its increment (1024 since version 0.2.0), handed out one by one
+ * by the backend that took the block: one nextval -- which WAL-logs now and
+ * then, and so takes an xid and a WAL flush at commit -- per block rather
+ * than per call.  Ids are unique within the database; across backends they
+ * are not in call order.  A block's start is durable before any of its ids
+ * is acknowledged: a transaction with an xid flushes PostgreSQL's WAL
+ * before writing ours (pre-commit).
  */
 static int64
 next_entry_id(void)
 {
-	DeferredShared *q = deferred_shared;
-	int64		id = 0;
+	static int64 next_id = 0;
+	static int64 id_limit = 0;
+	HeapTuple	seqtuple;
+	int64		increment;
 
-	SpinLockAcquire(&q->id_mutex);
-	if (q->next_id < q->id_limit)
-		id = q->next_id++;
-	SpinLockRelease(&q->id_mutex);
-	if (id != 0)
-		return id;
+	if (next_id < id_limit)
+		return next_id++;
 
 	if (!OidIsValid(id_sequence_oid) ||
 		!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(id_sequence_oid)))
@@ -507,33 +505,15 @@ next_entry_id(void)
 		if (!OidIsValid(id_sequence_oid))
 			elog(ERROR, "sequence deferred_entry_id_seq of athena_deferred is missing");
 	}
+	seqtuple = SearchSysCache1(SEQRELID, ObjectIdGetDatum(id_sequence_oid));
+	if (!HeapTupleIsValid(seqtuple))
+		elog(ERROR, "cache lookup failed for sequence %u", id_sequence_oid);
+	increment = Max(((Form_pg_sequence) GETSTRUCT(seqtuple))->seqincrement, 1);
+	ReleaseSysCache(seqtuple);
 
-	/* refill under the queue lock, so that only one backend takes a block */
-	LWLockAcquire(q->lock, LW_EXCLUSIVE);
-	SpinLockAcquire(&q->id_mutex);
-	if (q->next_id < q->id_limit)
-		id = q->next_id++;
-	SpinLockRelease(&q->id_mutex);
-	if (id == 0)
-	{
-		HeapTuple	seqtuple = SearchSysCache1(SEQRELID, ObjectIdGetDatum(id_sequence_oid));
-		int64		increment;
-		int64		start;
-
-		if (!HeapTupleIsValid(seqtuple))
-			elog(ERROR, "cache lookup failed for sequence %u", id_sequence_oid);
-		increment = Max(((Form_pg_sequence) GETSTRUCT(seqtuple))->seqincrement, 1);
-		ReleaseSysCache(seqtuple);
-
-		start = nextval_internal(id_sequence_oid, false);
-		SpinLockAcquire(&q->id_mutex);
-		q->next_id = start + 1;
-		q->id_limit = start + increment;
-		SpinLockRelease(&q->id_mutex);
-		id = start;
-	}
-	LWLockRelease(q->lock);
-	return id;
+	next_id = nextval_internal(id_sequence_oid, false);
+	id_limit = next_id + increment;
+	return next_id++;
 }
 
 /*

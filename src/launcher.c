@@ -21,7 +21,9 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/pg_database.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -68,18 +70,26 @@ deferred_register_launcher(void)
 static void
 launcher_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 {
+	LWLockReleaseAll();			/* exiting on an error raised under a lock */
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
 	deferred_shared->launcher_latch = NULL;
 	LWLockRelease(deferred_shared->lock);
 }
 
+/* Does the database exist, and is it not left invalid by an interrupted DROP DATABASE? */
 static bool
 database_exists(Oid dbid)
 {
-	bool		exists;
+	HeapTuple	tuple;
+	bool		exists = false;
 
 	StartTransactionCommand();
-	exists = SearchSysCacheExists1(DATABASEOID, ObjectIdGetDatum(dbid));
+	tuple = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dbid));
+	if (HeapTupleIsValid(tuple))
+	{
+		exists = ((Form_pg_database) GETSTRUCT(tuple))->datconnlimit != DATCONNLIMIT_INVALID_DB;
+		ReleaseSysCache(tuple);
+	}
 	CommitTransactionCommand();
 	return exists;
 }
@@ -167,7 +177,7 @@ launcher_recover(void)
 
 		CHECK_FOR_INTERRUPTS();
 		if (ShutdownRequestPending)
-			proc_exit(0);
+			proc_exit(1);
 
 		for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
 		{
@@ -237,7 +247,10 @@ launcher_tend_databases(void)
 				launch(i, dbid);
 			else
 			{
-				int64		n = queue_discard_database(dbid);
+				int64		n;
+
+				deferred_fault("before_discard");
+				n = queue_discard_database(dbid);
 
 				ereport(LOG,
 						(errmsg("athena_deferred: discarded " INT64_FORMAT " pending entries of database %u, which was dropped",
@@ -308,5 +321,6 @@ deferred_launcher_main(Datum main_arg pg_attribute_unused())
 	}
 
 	ereport(LOG, (errmsg("athena_deferred launcher shutting down")));
-	proc_exit(0);
+	/* exit code 1: a terminated launcher is restarted; at shutdown it is not */
+	proc_exit(1);
 }

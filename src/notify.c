@@ -26,6 +26,7 @@
 #include <jansson.h>
 
 #include "commands/async.h"
+#include "miscadmin.h"
 #include "nodes/pg_list.h"
 #include "storage/shmem.h"
 #include "utils/lsyscache.h"
@@ -112,6 +113,7 @@ number_flush(NotifyTally *tally, char **schemas, char **tables)
 
 		if (tables[i] == NULL)
 			continue;
+		slot->dbid = MyDatabaseId;
 		slot->flush = flush;
 		slot->flushed_at = now;
 		strlcpy(NameStr(slot->schema), schemas[i], NAMEDATALEN);
@@ -305,7 +307,7 @@ notify_invalidations_since(int64 since, InvalidationSlot *out, int64 *oldest, in
 		{
 			InvalidationSlot *slot = &ns->slots[i % size];
 
-			if (slot->flush > since)
+			if (slot->flush > since && slot->dbid == MyDatabaseId)
 				out[count++] = *slot;
 		}
 	}

@@ -84,7 +84,6 @@ queue_shmem_init(DeferredShared *shared, bool found)
 	shared->capacity = (uint64) deferred_queue_size_kb * 1024;
 	shared->next_qseq = 1;
 	shared->settled_qseq = 1;
-	SpinLockInit(&shared->id_mutex);
 	pg_atomic_init_u64(&shared->wal_flushed_pos, 0);
 	ConditionVariableInit(&shared->space_cv);
 	ConditionVariableInit(&shared->settled_cv);
@@ -191,20 +190,11 @@ queue_account(Size size, int timeout_ms)
 		TimestampTz now = GetCurrentTimestamp();
 		DeferredDatabase *db;
 
+		/* slots are taken only once recovery has made the ones it needs */
 		LWLockAcquire(q->lock, LW_EXCLUSIVE);
 		recovered = q->recovered;
-		db = queue_database_slot(MyDatabaseId, true);
-		if (db == NULL)
-		{
-			LWLockRelease(q->lock);
-			ereport(ERROR,
-					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-					 errmsg("too many databases have entries in the deferred queue"),
-					 errdetail("At most %d databases can have entries queued at the same time.",
-							   DEFERRED_MAX_DATABASES),
-					 errhint("Retry when the other databases' entries have been applied.")));
-		}
-		if (recovered && q->reserve_pos - q->head_pos + q->accounted + size <= q->capacity)
+		db = recovered ? queue_database_slot(MyDatabaseId, true) : NULL;
+		if (db != NULL && q->reserve_pos - q->head_pos + q->accounted + size <= q->capacity)
 		{
 			fair = within_share(db, size, now);
 			if (fair)
@@ -215,7 +205,7 @@ queue_account(Size size, int timeout_ms)
 				done = true;
 			}
 		}
-		if (!done)
+		if (db != NULL && !done)
 			db->waiting_since = now;
 		LWLockRelease(q->lock);
 		if (done)
@@ -232,6 +222,13 @@ queue_account(Size size, int timeout_ms)
 					 errmsg("athena_deferred has not finished recovering its queue"),
 					 errdetail("The launcher replays the WAL of pending entries when the server starts; no entry is accepted before that."),
 					 errhint("Check that the athena_deferred launcher and workers are running, and what they log.")));
+		if (remaining <= 0 && db == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("too many databases have entries in the deferred queue"),
+					 errdetail("At most %d databases can have entries queued at the same time.",
+							   DEFERRED_MAX_DATABASES),
+					 errhint("Retry when the other databases' entries have been applied.")));
 		if (remaining <= 0 && !fair)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
@@ -473,13 +470,17 @@ queue_unsettled_below(uint64 from_pos, uint64 upto)
 	return result;
 }
 
-/* Remember an entry's outcome for deferred_wait(); caller holds the lock */
+/*
+ * Remember an entry's outcome for deferred_wait(), for the current
+ * database (ids are unique only within one); caller holds the lock
+ */
 static void
 note_outcome_locked(int64 id, EntryOutcome outcome)
 {
 	OutcomeSlot *slot = &deferred_shared->outcomes[deferred_shared->outcomes_written++ % OUTCOME_SLOTS];
 
 	slot->id = id;
+	slot->dbid = MyDatabaseId;
 	slot->outcome = outcome;
 }
 
@@ -576,6 +577,8 @@ queue_outcome(int64 id, bool *too_old)
 	n = Min(q->outcomes_written, OUTCOME_SLOTS);
 	for (uint64 i = 0; i < n && result == OUTCOME_UNKNOWN; i++)
 	{
+		if (q->outcomes[i].dbid != MyDatabaseId)
+			continue;
 		if (q->outcomes[i].id == id)
 			result = q->outcomes[i].outcome;
 		oldest = Min(oldest, q->outcomes[i].id);
@@ -583,7 +586,8 @@ queue_outcome(int64 id, bool *too_old)
 	for (uint64 pos = q->head_pos; pos < q->reserve_pos && result == OUTCOME_UNKNOWN; pos += hdr.size)
 	{
 		ring_read(pos, &hdr, sizeof(hdr));
-		if (hdr.id == id && (hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED))
+		if (hdr.id == id && hdr.dbid == MyDatabaseId &&
+			(hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED))
 			result = OUTCOME_PENDING;
 	}
 	*too_old = (result == OUTCOME_UNKNOWN && q->outcomes_written > OUTCOME_SLOTS && id < oldest);
@@ -739,15 +743,17 @@ queue_flushed(uint64 target)
 
 /*
  * Entries of the current database in the queue: pending ones, plus one if
- * open transactions hold space for more.
+ * open transactions hold space for more.  *next_qseq is the number the
+ * next entry will get.
  */
 int64
-queue_database_pending(void)
+queue_database_pending(uint64 *next_qseq)
 {
 	DeferredDatabase *db;
 	int64		n = 0;
 
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	*next_qseq = deferred_shared->next_qseq;
 	db = queue_database_slot(MyDatabaseId, false);
 	if (db != NULL)
 		n = db->pending + (db->bytes > 0 && db->pending == 0 ? 1 : 0);

@@ -55,7 +55,15 @@ typedef struct Replay
 	uint64		max_qseq;
 	List	   *entries;		/* DeferredEntry *, not yet filtered */
 	List	   *aborted;		/* qseqs abandoned after pre-commit */
+	List	   *dropped;		/* DROP EXTENSION markers: DatabaseSettled */
 } Replay;
+
+/* A DROP EXTENSION marker: the database's entries below upto are settled */
+typedef struct DatabaseSettled
+{
+	Oid			dbid;
+	uint64		upto;
+} DatabaseSettled;
 
 /*
  * Launcher: what recovery_scan() found, kept until recovery_restore(), in
@@ -197,6 +205,21 @@ replay_record(void *arg, json_t *rec, size_t offset)
 			r->aborted = lappend(r->aborted, q);
 			/* numbers of abandoned entries are used up too */
 			r->max_qseq = Max(r->max_qseq, *q);
+		}
+	}
+	else if (type != NULL && strcmp(type, "d") == 0)
+	{
+		json_int_t	db,
+					upto;
+
+		if (json_unpack(rec, "{s:I, s:I}", "db", &db, "upto", &upto) == 0)
+		{
+			DatabaseSettled *d = palloc(sizeof(DatabaseSettled));
+
+			d->dbid = (Oid) db;
+			d->upto = (uint64) upto;
+			r->dropped = lappend(r->dropped, d);
+			r->max_qseq = Max(r->max_qseq, d->upto);
 		}
 	}
 	else
@@ -396,6 +419,12 @@ recovery_scan(void)
 		last_qseq = e->qseq;
 		foreach(alc, r.aborted)
 			abandoned |= (*(uint64 *) lfirst(alc) == e->qseq);
+		foreach(alc, r.dropped)
+		{
+			DatabaseSettled *d = lfirst(alc);
+
+			abandoned |= (d->dbid == e->dbid && e->qseq < d->upto);
+		}
 		if (abandoned || !entry_committed(e))
 			continue;
 		scanned_entries = lappend(scanned_entries, e);

@@ -838,6 +838,29 @@ wal_append_abort(DeferredEntry **entries, int nentries)
 		(void) wal_write(buf.data, buf.len, 0, WARNING, &in_log);
 }
 
+/*
+ * DROP EXTENSION, with nothing of this database queued: log, durably, that
+ * every entry of the database below upto is settled.  Recovery then skips
+ * the database's entries still in the WAL, which a progress table created
+ * again (or none) could not tell apart from pending ones.
+ */
+void
+wal_append_database_settled(Oid dbid, uint64 upto)
+{
+	StringInfoData buf;
+	bool		in_log;
+	uint64		end;
+
+	if (!deferred_wal_enabled)
+		return;
+	initStringInfo(&buf);
+	(void) append_record(&buf, json_pack("{s:s, s:I, s:I}", "t", "d", "db", (json_int_t) dbid,
+										 "upto", (json_int_t) upto), ERROR);
+	end = wal_write(buf.data, buf.len, 0, ERROR, &in_log);
+	wal_flush(end);
+	pfree(buf.data);
+}
+
 /* Make everything written so far durable (the batch-mode background sync) */
 void
 wal_flush_written(void)

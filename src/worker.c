@@ -85,6 +85,7 @@ worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 {
 	DeferredDatabase *db;
 
+	LWLockReleaseAll();			/* exiting on an error raised under a lock */
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
 	db = queue_database_slot(MyDatabaseId, false);
 	if (db != NULL && db->worker_latch == MyLatch)
@@ -198,15 +199,15 @@ deferred_worker_main(Datum main_arg)
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
 	worker_apply_timeouts();
 
-	/* at server start, the launcher waits for this database's progress */
+	/*
+	 * At server start the launcher waits for this database's progress.  A
+	 * worker that reported it leaves, so that recovery needs only one
+	 * background worker slot at a time however many databases the WAL
+	 * holds; the launcher starts a worker again for the restored entries.
+	 */
 	installed = recovery_report_progress();
-	while (!deferred_shared->recovered && !ShutdownRequestPending)
-	{
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 100L, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-	}
+	if (!deferred_shared->recovered)
+		proc_exit(0);
 	recovery_reconcile();
 	last_flush = GetCurrentTimestamp();
 

@@ -23,10 +23,12 @@ athena_deferred.queue_size = '256kB'
 athena_deferred.enqueue_timeout_ms = 300
 athena_deferred.lock_timeout_ms = 200
 athena_deferred.max_flush_attempts = 100
+restart_after_crash = on
 });
 $node->start;
 
 my @dbs = qw(alpha beta gamma delta);
+my $log_offset;
 $node->safe_psql('postgres', q{CREATE ROLE app LOGIN});
 for my $db (@dbs)
 {
@@ -72,9 +74,10 @@ queue_rows('beta', 1, 10);
 $node->safe_psql('alpha', 'SELECT deferred_flush()');
 is(count_rows('alpha'), '20|20|app', 'alpha: applied as app');
 is(count_rows('beta'), '0|0|', 'beta: not flushed by alpha\'s deferred_flush()');
-is($node->safe_psql('postgres',
-		q{SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_stat_activity WHERE backend_type = 'athena_deferred'}),
-	'alpha,beta', 'one worker in each database with entries');
+ok($node->poll_query_until('postgres',
+		q{SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_stat_activity WHERE backend_type = 'athena_deferred'},
+		'alpha,beta'),
+	'one worker in each database with entries');
 
 # --- a crash with entries pending in both: each applied once after restart --
 queue_rows('alpha', 21, 30);
@@ -130,6 +133,17 @@ is(count_rows('delta'), '3|3|app', 'the entries were kept and apply');
 $node->safe_psql('delta', 'DROP EXTENSION athena_deferred');
 pass('DROP EXTENSION works once nothing is queued');
 
+# the entries it applied are still in the WAL: after CREATE EXTENSION again
+# (a fresh progress table) and a crash, they are not applied a second time
+$node->safe_psql('delta', 'CREATE EXTENSION athena_deferred');
+$node->kill9;
+ok(start_after_kill9($node), 'server restarted after kill -9');
+$node->safe_psql('delta', 'SELECT deferred_flush()');
+is(count_rows('delta'), '3|3|app', 'entries applied before DROP EXTENSION are not applied again');
+is($node->safe_psql('delta', 'SELECT count(*) FROM deferred_pending()') . '|'
+	  . $node->safe_psql('delta', 'SELECT count(*) FROM deferred_dead_letters'), '0|0',
+	'nor left pending or dead-lettered');
+
 # --- a database dropped with entries queued --------------------------------
 my $pending_before = $node->safe_psql('alpha', 'SELECT pending FROM deferred_stats()');
 queue_rows('gamma', 3001, 3005);
@@ -146,12 +160,31 @@ queue_rows('beta', 3001, 3001);
 $node->safe_psql('beta', 'SELECT deferred_flush()');
 is($node->safe_psql('beta', 'SELECT count(*) FROM t WHERE id = 3001'), '1', 'other databases carry on');
 
+# --- a database dropped with entries queued, found in the WAL at restart ---
+# the launcher crashes (fault point) before it can discard them at once
+$node->safe_psql('postgres', 'CREATE DATABASE epsilon');
+$node->safe_psql('epsilon', q{CREATE EXTENSION athena_deferred; CREATE TABLE t (id int PRIMARY KEY, who text DEFAULT current_user, pad text); GRANT INSERT ON t TO app});
+queue_rows('epsilon', 1, 4);
+my $epsilon_oid = $node->safe_psql('postgres', q{SELECT oid FROM pg_database WHERE datname = 'epsilon'});
+$node->safe_psql('postgres', q{ALTER SYSTEM SET athena_deferred.fault_point = 'before_discard'; SELECT pg_reload_conf()});
+sleep(1);    # let the launcher read the setting
+$log_offset = -s $node->logfile;
+$node->safe_psql('postgres', 'DROP DATABASE epsilon WITH (FORCE)');
+ok($node->wait_for_log(qr/fault point "before_discard" reached/, $log_offset), 'the launcher crashed before discarding');
+$node->poll_query_until('alpha', 'SELECT true FROM deferred_stats()') or die 'server did not come back';
+ok($node->wait_for_log(qr/athena_deferred: entries of database $epsilon_oid in the WAL will be discarded/, $log_offset),
+	'after the restart, the dropped database\'s entries are discarded with a LOG line');
+# (gamma's entries, discarded before, are still in the WAL and counted again)
+cmp_ok($node->safe_psql('alpha', 'SELECT discarded FROM deferred_stats()'), '>=', 4, 'and counted');
+is($node->safe_psql('alpha', 'SELECT pending FROM deferred_stats()'), '0', 'not pending');
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET athena_deferred.fault_point; SELECT pg_reload_conf()});
+
 # --- an idle worker does not keep DROP DATABASE from working ----------------
 $node->safe_psql('beta', 'SELECT deferred_flush()');
 ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE beta');
 is($ret, 0, 'DROP DATABASE right after a flush works (the idle worker leaves)') or diag($err);
 
-ok(!$node->log_contains(qr/background worker "athena_deferred.*terminated by signal|PANIC|TRAP/),
-	'no launcher or worker crashed');
+ok(!$node->log_contains(qr/background worker "athena_deferred.*terminated by signal (?!9:)|PANIC|TRAP/),
+	'no launcher or worker crashed, but for the fault point');
 $node->stop;
 done_testing();
