@@ -670,7 +670,7 @@ feed_value(CopyFeed *f, JsonLexContext *lex, int col)
 	}
 }
 
-/* Convert one row, the lexer at its '{', into one COPY line in out */
+/* Convert one row, the lexer at its '{', into valstart and vallen */
 static void
 feed_row(CopyFeed *f, JsonLexContext *lex)
 {
@@ -697,7 +697,12 @@ feed_row(CopyFeed *f, JsonLexContext *lex)
 		feed_value(f, lex, col);
 		feed_lex(lex);
 	}
+}
 
+/* Append the current row (valstart, vallen) to out as one COPY line */
+static void
+feed_emit_row(CopyFeed *f)
+{
 	for (int i = 0; i < f->ncols; i++)
 	{
 		if (i > 0)
@@ -710,11 +715,14 @@ feed_row(CopyFeed *f, JsonLexContext *lex)
 	appendStringInfoChar(&f->out, '\n');
 }
 
-/* Convert the rows of one entry, a JSON array of objects */
+/*
+ * Convert the rows of one entry, a JSON array of objects, with
+ * PostgreSQL's JSON lexer, which de-escapes strings as the statement's
+ * parser does.
+ */
 static void
-feed_entry(CopyFeed *f, const DeferredEntry *entry)
+feed_entry_lexer(CopyFeed *f, const DeferredPart *part)
 {
-	const DeferredPart *part = entry_first_part(entry);
 	JsonLexContext *lex;
 
 	/* the lexer only reads its input */
@@ -732,10 +740,227 @@ feed_entry(CopyFeed *f, const DeferredEntry *entry)
 		}
 		feed_expect(lex, JSON_TOKEN_OBJECT_START);
 		feed_row(f, lex);
+		feed_emit_row(f);
 		feed_lex(lex);
 	}
 	feed_lex(lex);
 	feed_expect(lex, JSON_TOKEN_END);
+}
+
+/*
+ * The same for JSON text without a backslash, which is most of it: no
+ * string needs de-escaping, so a string's value is its bytes between the
+ * quotes, and none holds a quote, a backslash or a control character (the
+ * scanner checks), so none needs escaping for COPY or for JSON either.
+ * PostgreSQL's lexer copies strings a byte at a time; this does not.
+ * Anything unexpected is an error, which fails the batch: its halves, and
+ * finally the entry alone, then take the statement path, which reports it.
+ */
+static void
+plain_error(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_DATA_CORRUPTED),
+			 errmsg("athena_deferred: queued insert is not a JSON array of objects")));
+}
+
+static inline const char *
+plain_skip_space(const char *p, const char *end)
+{
+	while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+		p++;
+	return p;
+}
+
+/* p at a string's opening quote: its contents, and what follows it */
+static const char *
+plain_string(const char *p, const char *end, const char **str, int *len)
+{
+	const char *start = ++p;
+
+	while (p < end && *p != '"')
+	{
+		if ((unsigned char) *p < 0x20)
+			plain_error();
+		p++;
+	}
+	if (p >= end)
+		plain_error();
+	*str = start;
+	*len = p - start;
+	return p + 1;
+}
+
+/* Convert the value at p into column col (-1: none); returns what follows */
+static const char *
+plain_value(CopyFeed *f, const char *p, const char *end, int col)
+{
+	int			start = f->rowbuf.len;
+	const char *str;
+	int			len;
+
+	if (p >= end)
+		plain_error();
+	switch (*p)
+	{
+		case '"':
+			p = plain_string(p, end, &str, &len);
+			if (col >= 0 && f->quote_strings[col])
+				appendStringInfoChar(&f->rowbuf, '"');
+			appendBinaryStringInfo(&f->rowbuf, str, len);
+			if (col >= 0 && f->quote_strings[col])
+				appendStringInfoChar(&f->rowbuf, '"');
+			break;
+
+		case '{':
+		case '[':
+			{
+				const char *value_start = p;
+				int			depth = 0;
+
+				do
+				{
+					if (p >= end)
+						plain_error();
+					if (*p == '"')
+					{
+						p = plain_string(p, end, &str, &len);
+						continue;
+					}
+					if (*p == '{' || *p == '[')
+						depth++;
+					else if (*p == '}' || *p == ']')
+						depth--;
+					p++;
+				} while (depth > 0);
+				append_copy_text(&f->rowbuf, value_start, p - value_start);
+			}
+			break;
+
+		case 't':
+		case 'f':
+		case 'n':
+			{
+				const char *word = (*p == 't') ? "true" : (*p == 'f') ? "false" : "null";
+
+				len = strlen(word);
+				if (end - p < len || memcmp(p, word, len) != 0)
+					plain_error();
+				if (*p == 'n')
+				{
+					if (col >= 0)
+						f->valstart[col] = -1;
+					return p + len;
+				}
+				appendBinaryStringInfo(&f->rowbuf, p, len);
+				p += len;
+			}
+			break;
+
+		default:
+			{
+				const char *num = p;
+
+				while (p < end && (isdigit((unsigned char) *p) || *p == '-' || *p == '+' ||
+								   *p == '.' || *p == 'e' || *p == 'E'))
+					p++;
+				if (p == num || !IsValidJsonNumber(num, p - num))
+					plain_error();
+				appendBinaryStringInfo(&f->rowbuf, num, p - num);
+			}
+			break;
+	}
+	if (col >= 0)
+	{
+		f->valstart[col] = start;
+		f->vallen[col] = f->rowbuf.len - start;
+	}
+	return p;
+}
+
+/* Index of the batch's column a key (not NUL-terminated) names, or -1 */
+static int
+plain_column(CopyFeed *f, const char *key, int len, int guess)
+{
+	if (guess < f->ncols && strncmp(f->colnames[guess], key, len) == 0 &&
+		f->colnames[guess][len] == '\0')
+		return guess;
+	for (int i = 0; i < f->ncols; i++)
+		if (strncmp(f->colnames[i], key, len) == 0 && f->colnames[i][len] == '\0')
+			return i;
+	return -1;
+}
+
+static void
+feed_entry_plain(CopyFeed *f, const char *p, const char *end)
+{
+	p = plain_skip_space(p, end);
+	if (p >= end || *p != '[')
+		plain_error();
+	for (;;)
+	{
+		p = plain_skip_space(p + 1, end);
+		if (p >= end || *p != '{')
+			plain_error();
+
+		resetStringInfo(&f->rowbuf);
+		for (int i = 0; i < f->ncols; i++)
+			f->valstart[i] = -1;
+		p = plain_skip_space(p + 1, end);
+		if (p < end && *p == '}')
+			p++;
+		else
+		{
+			for (int key = 0;; key++)
+			{
+				const char *name;
+				int			len;
+				int			col;
+
+				if (p >= end || *p != '"')
+					plain_error();
+				p = plain_string(p, end, &name, &len);
+				col = plain_column(f, name, len, key);
+				p = plain_skip_space(p, end);
+				if (p >= end || *p != ':')
+					plain_error();
+				/* a key given twice: the last value wins, as in the statement */
+				p = plain_value(f, plain_skip_space(p + 1, end), end, col);
+				p = plain_skip_space(p, end);
+				if (p < end && *p == ',')
+					p = plain_skip_space(p + 1, end);
+				else if (p < end && *p == '}')
+				{
+					p++;
+					break;
+				}
+				else
+					plain_error();
+			}
+		}
+		feed_emit_row(f);
+
+		p = plain_skip_space(p, end);
+		if (p < end && *p == ']')
+			break;
+		if (p >= end || *p != ',')
+			plain_error();
+	}
+	if (plain_skip_space(p + 1, end) != end)
+		plain_error();
+}
+
+/* Convert the rows of one entry into COPY lines */
+static void
+feed_entry(CopyFeed *f, const DeferredEntry *entry)
+{
+	const DeferredPart *part = entry_first_part(entry);
+	const char *text = part_text(part);
+
+	if (memchr(text, '\\', part->textlen) == NULL)
+		feed_entry_plain(f, text, text + part->textlen);
+	else
+		feed_entry_lexer(f, part);
 }
 
 /*

@@ -26,7 +26,7 @@
 #include "athena_deferred.h"
 
 /* Entries applied in one flush transaction at most */
-#define FLUSH_MAX_ENTRIES	10000
+#define FLUSH_MAX_ENTRIES	100000
 
 /* Register the worker; called from _PG_init */
 void
