@@ -60,13 +60,14 @@
 #include "athena_deferred.h"
 
 /*
- * Inserts in one batch at most.  A batch that COPY serves is one COPY: its
- * fixed cost (setting up the executor, the multi-insert buffers) is paid
- * once per batch, and batches of 10000 rows and more run near the speed of
- * a plain COPY.  A bad entry costs a retry of the halves of its batch, down
- * to itself, so at most about twice the batch's work.
+ * Inserts in one batch at most (as many as the worker's largest flush).  A
+ * batch that COPY serves is one COPY: its fixed cost (setting up the
+ * executor, the multi-insert buffers) is paid once per batch, and batches
+ * of 10000 rows and more run near the speed of a plain COPY.  A bad entry
+ * costs a retry of the halves of its batch, down to itself: about twice the
+ * batch's work.
  */
-#define FLUSH_BATCH_ENTRIES 100000
+#define FLUSH_BATCH_ENTRIES 1000000
 
 /*
  * Inserts applied by one INSERT ... SELECT FROM json_populate_recordset() at
@@ -442,6 +443,8 @@ same_columns(const DeferredPart *a, const DeferredPart *b)
 
 	if (a->ncols != b->ncols || a->namelen != b->namelen)
 		return false;
+	if (memcmp(na, nb, a->namelen) == 0)
+		return true;
 	for (int i = 0; i < a->ncols; i++)
 	{
 		/* skip the null flags: they describe the first row only */
@@ -752,13 +755,16 @@ feed_entry_lexer(CopyFeed *f, const DeferredPart *part)
  * string needs de-escaping, so a string's value is its bytes between the
  * quotes, and none holds a quote, a backslash or a control character (the
  * scanner checks), so none needs escaping for COPY or for JSON either.
- * PostgreSQL's lexer copies strings a byte at a time; this does not.
- * Anything unexpected is an error, which fails the batch: its halves, and
- * finally the entry alone, then take the statement path, which reports it.
+ * PostgreSQL's lexer copies strings a byte at a time; this does not.  At
+ * the first backslash in a string the scanner gives up on the entry (see
+ * feed_entry).  Anything else unexpected is an error, which fails the
+ * batch: its halves, and finally the entry alone, then take the statement
+ * path, which reports it.
  */
 static void
 plain_error(void)
 {
+	/* never returns */
 	ereport(ERROR,
 			(errcode(ERRCODE_DATA_CORRUPTED),
 			 errmsg("athena_deferred: queued insert is not a JSON array of objects")));
@@ -772,7 +778,10 @@ plain_skip_space(const char *p, const char *end)
 	return p;
 }
 
-/* p at a string's opening quote: its contents, and what follows it */
+/*
+ * p at a string's opening quote: its contents, and what follows it; NULL if
+ * it holds a backslash
+ */
 static const char *
 plain_string(const char *p, const char *end, const char **str, int *len)
 {
@@ -780,6 +789,8 @@ plain_string(const char *p, const char *end, const char **str, int *len)
 
 	while (p < end && *p != '"')
 	{
+		if (*p == '\\')
+			return NULL;
 		if ((unsigned char) *p < 0x20)
 			plain_error();
 		p++;
@@ -791,7 +802,10 @@ plain_string(const char *p, const char *end, const char **str, int *len)
 	return p + 1;
 }
 
-/* Convert the value at p into column col (-1: none); returns what follows */
+/*
+ * Convert the value at p into column col (-1: none); returns what follows,
+ * or NULL at a backslash
+ */
 static const char *
 plain_value(CopyFeed *f, const char *p, const char *end, int col)
 {
@@ -805,6 +819,8 @@ plain_value(CopyFeed *f, const char *p, const char *end, int col)
 	{
 		case '"':
 			p = plain_string(p, end, &str, &len);
+			if (p == NULL)
+				return NULL;
 			if (col >= 0 && f->quote_strings[col])
 				appendStringInfoChar(&f->rowbuf, '"');
 			appendBinaryStringInfo(&f->rowbuf, str, len);
@@ -825,6 +841,8 @@ plain_value(CopyFeed *f, const char *p, const char *end, int col)
 					if (*p == '"')
 					{
 						p = plain_string(p, end, &str, &len);
+						if (p == NULL)
+							return NULL;
 						continue;
 					}
 					if (*p == '{' || *p == '[')
@@ -891,7 +909,7 @@ plain_column(CopyFeed *f, const char *key, int len, int guess)
 	return -1;
 }
 
-static void
+static bool
 feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 {
 	p = plain_skip_space(p, end);
@@ -920,12 +938,16 @@ feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 				if (p >= end || *p != '"')
 					plain_error();
 				p = plain_string(p, end, &name, &len);
+				if (p == NULL)
+					return false;
 				col = plain_column(f, name, len, key);
 				p = plain_skip_space(p, end);
 				if (p >= end || *p != ':')
 					plain_error();
 				/* a key given twice: the last value wins, as in the statement */
 				p = plain_value(f, plain_skip_space(p + 1, end), end, col);
+				if (p == NULL)
+					return false;
 				p = plain_skip_space(p, end);
 				if (p < end && *p == ',')
 					p = plain_skip_space(p + 1, end);
@@ -948,6 +970,7 @@ feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 	}
 	if (plain_skip_space(p + 1, end) != end)
 		plain_error();
+	return true;
 }
 
 /* Convert the rows of one entry into COPY lines */
@@ -956,11 +979,15 @@ feed_entry(CopyFeed *f, const DeferredEntry *entry)
 {
 	const DeferredPart *part = entry_first_part(entry);
 	const char *text = part_text(part);
+	int			start = f->out.len;
 
-	if (memchr(text, '\\', part->textlen) == NULL)
-		feed_entry_plain(f, text, text + part->textlen);
-	else
+	if (!feed_entry_plain(f, text, text + part->textlen))
+	{
+		/* a backslash: the entry's rows again, from the start */
+		f->out.len = start;
+		f->out.data[start] = '\0';
 		feed_entry_lexer(f, part);
+	}
 }
 
 /*

@@ -22,11 +22,43 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "utils/guc.h"
+#include "utils/timestamp.h"
 
 #include "athena_deferred.h"
 
-/* Entries applied in one flush transaction at most */
-#define FLUSH_MAX_ENTRIES	100000
+/*
+ * Entries applied in one flush transaction at most.  A flush has fixed costs
+ * (its commit, its progress record, the WAL chores of the loop between two
+ * flushes) that large batches amortize: COPY applies inserts at up to a
+ * million rows a second.  But a flush keeps its entries invisible and its
+ * row locks held until it commits, and updates and deletes, one statement
+ * each, run an order of magnitude slower.  So the limit follows the speed
+ * of the last full flush, aiming at FLUSH_TARGET_MS of work, between
+ * FLUSH_MIN_ENTRIES and FLUSH_MAX_ENTRIES.  Memory: the flush copies the
+ * entries it takes, no more than the queue holds (queue_size), plus 16
+ * bytes an entry.
+ */
+#define FLUSH_MIN_ENTRIES	10000
+#define FLUSH_MAX_ENTRIES	1000000
+#define FLUSH_TARGET_MS		1000
+
+static int	flush_limit = FLUSH_MAX_ENTRIES;
+
+/*
+ * Adapt flush_limit after a flush that handled entries in elapsed_ms.  A
+ * flush that took fewer entries than it could says nothing about how many
+ * it could take, unless it was too slow already.
+ */
+static void
+adapt_flush_limit(int handled, long elapsed_ms)
+{
+	double		wanted;
+
+	if (handled <= 0 || (handled < flush_limit && elapsed_ms <= FLUSH_TARGET_MS))
+		return;
+	wanted = (double) handled * FLUSH_TARGET_MS / Max(elapsed_ms, 1);
+	flush_limit = (int) Max(Min(wanted, FLUSH_MAX_ENTRIES), FLUSH_MIN_ENTRIES);
+}
 
 /* Register the worker; called from _PG_init */
 void
@@ -112,6 +144,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 	{
 		int			handled = 0;
 		int			settled = 0;
+		int			limit;
 		long		timeout;
 		long		sync_in;
 
@@ -126,9 +159,14 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		/* until CREATE EXTENSION has run here, there is nothing to do */
 		if (!ready)
 			ready = recovery_run();
+		limit = flush_limit;
 		if (ready)
 		{
-			handled = flush_run(FLUSH_MAX_ENTRIES, &settled);
+			TimestampTz started = GetCurrentTimestamp();
+
+			handled = flush_run(limit, &settled);
+			adapt_flush_limit(handled,
+							  (long) ((GetCurrentTimestamp() - started) / 1000));
 			wal_remove_settled(deferred_shared->settled_qseq);
 		}
 		if (wal_sync_due_in() == 0)
@@ -143,7 +181,7 @@ deferred_worker_main(Datum main_arg pg_attribute_unused())
 		 * dead-lettered by a burst of retries.
 		 */
 		retry_rounds = (handled > settled) ? retry_rounds + 1 : 0;
-		if (handled == FLUSH_MAX_ENTRIES || (settled > 0 && flush_requested()))
+		if (handled == limit || (settled > 0 && flush_requested()))
 			continue;
 		if (flush_requested())
 			timeout = retry_rounds > 0 ? Min(100L * retry_rounds, 5000L) : 10;
