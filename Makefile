@@ -13,7 +13,7 @@ SHLIB_LINK = -ljansson
 # pg_regress and isolation tests run in a temporary instance with the
 # library preloaded (test/*.conf)
 # init installs the extension; the others each test one behaviour
-REGRESS = init insert update_delete transactions validation privileges entry_isolation values immediate ddl operable target_cache
+REGRESS = init insert update_delete transactions validation privileges entry_isolation values immediate ddl copy_path cached_plans target_cache operable
 REGRESS_OPTS = --temp-instance=tmp_regress --temp-config=test/regress.conf
 ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
 ISOLATION_OPTS = --temp-instance=tmp_isolation --temp-config=test/isolation.conf

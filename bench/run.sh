@@ -28,9 +28,16 @@
 #   BENCH_PORT        port number of the socket (in a private directory) [54339]
 #   BENCH_PERF        1: profile the backends during one more deferred_insert
 #                     run with perf and print the top symbols [0]
-#   BENCH_OUT         report file [bench/results/latest.md]; empty: none
+#   BENCH_OUT         report file [bench/results/latest.md, none with
+#                     BENCH_ONLY]; empty: none
 #   BENCH_KEEP        1: keep the temporary directory (logs, cluster) [0]
 #   BENCH_SKIP_SETUP  1: do not build and install the extension first [0]
+#   BENCH_ONLY        comma list of the rows to run [all]: idle (deferred_insert,
+#                     wal_sync = batch, against SELECT 1), always (wal_sync =
+#                     always, against INSERT), worker (worker flushing, against
+#                     INSERT with synchronous_commit = off), scaling, flush
+#                     (deferred_flush() against COPY), shmem (shared memory per
+#                     entry: queues and flushes the entries, no COPY)
 
 set -euo pipefail
 
@@ -49,8 +56,14 @@ FLUSH_ROWS=${BENCH_FLUSH_ROWS:-200000}
 QUEUE_SIZE=${BENCH_QUEUE_SIZE:-}
 PORT=${BENCH_PORT:-54339}
 PERF=${BENCH_PERF:-0}
-OUT=${BENCH_OUT-$BENCH_SRC/results/latest.md}
+# a partial run (BENCH_ONLY) does not overwrite the full report unless asked
+if [ -n "${BENCH_ONLY:-}" ]; then
+    OUT=${BENCH_OUT-}
+else
+    OUT=${BENCH_OUT-$BENCH_SRC/results/latest.md}
+fi
 KEEP=${BENCH_KEEP:-0}
+ONLY=${BENCH_ONLY:-idle,always,worker,scaling,flush,shmem}
 FLUSH_TIMEOUT_MS=1800000
 PAYLOAD_TEXT='the quick brown fox jumps over'   # as in bench/pgbench/*.sql
 
@@ -60,6 +73,23 @@ for v in SECONDS_PER_RUN ROUNDS CLIENTS JOBS FLUSH_ROWS PORT; do
         exit 2
     fi
 done
+
+ALL_ROWS="idle always worker scaling flush shmem"
+IFS=', ' read -r -a only_rows <<<"$ONLY"
+declare -A RUN_ROW
+for row in "${only_rows[@]}"; do
+    if ! [[ " $ALL_ROWS " == *" $row "* ]]; then
+        echo "bench: BENCH_ONLY lists '$row'; the rows are: $ALL_ROWS" >&2
+        exit 2
+    fi
+    RUN_ROW[$row]=1
+done
+if [ "${#RUN_ROW[@]}" -eq 0 ]; then
+    echo "bench: BENCH_ONLY names no row; the rows are: $ALL_ROWS" >&2
+    exit 2
+fi
+# runs ROW: was ROW asked for?
+runs() { [ -n "${RUN_ROW[$1]:-}" ]; }
 
 # the queue must hold one run with the worker idle (about 150 bytes an
 # entry; 15MB a second leaves room for 100000 calls/s) and the flush row;
@@ -363,25 +393,46 @@ flush_copy() {
 # ---------------------------------------------------------------- main
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 T_START=$(date +%s)
-n_pairs=$((4 + $(wc -w <<<"$SCALING")))
-log "about $((n_pairs * 2 * ROUNDS * SECONDS_PER_RUN)) s of pgbench runs ($ROUNDS round(s), $SECONDS_PER_RUN s each), plus flushes"
+n_pairs=0
+for row in idle always worker; do if runs "$row"; then n_pairs=$((n_pairs + 1)); fi; done
+if runs scaling; then
+    for c in $SCALING; do
+        if [ "$c" != "$CLIENTS" ] || ! runs idle; then n_pairs=$((n_pairs + 1)); fi
+    done
+fi
+log "rows: ${!RUN_ROW[*]}; about $((n_pairs * 2 * ROUNDS * SECONDS_PER_RUN)) s of pgbench runs ($ROUNDS round(s), $SECONDS_PER_RUN s each), plus flushes"
 
 for r in $(seq 1 "$ROUNDS"); do
     log "round $r of $ROUNDS"
-    log "deferred_insert (wal_sync = batch, worker idle) vs SELECT 1, $CLIENTS clients"
-    pair "run_deferred_idle d_batch_c$CLIENTS $CLIENTS batch" "run_select1 select1_c$CLIENTS $CLIENTS" "$r"
-    log "deferred_insert (wal_sync = always, worker idle) vs INSERT, synchronous_commit = on"
-    pair "run_deferred_idle d_always_c$CLIENTS $CLIENTS always" "run_insert insert_on_c$CLIENTS $CLIENTS on" "$r"
-    log "deferred_insert (wal_sync = batch, worker flushing every 100 ms) vs INSERT, synchronous_commit = off"
-    pair "run_deferred_flushing d_flushing_c$CLIENTS $CLIENTS" "run_insert insert_off_c$CLIENTS $CLIENTS off" "$r"
-    for c in $SCALING; do
-        if [ "$c" = "$CLIENTS" ]; then continue; fi   # measured above
-        log "scaling: deferred_insert (batch, worker idle) vs SELECT 1, $c clients"
-        pair "run_deferred_idle d_batch_c$c $c batch" "run_select1 select1_c$c $c" "$r"
-    done
-    log "deferred_flush() of $FLUSH_ROWS queued single-row entries vs COPY"
-    if [ "$r" -eq 1 ]; then prepare_flush_rows; fi
-    pair flush_deferred flush_copy "$r"
+    if runs idle; then
+        log "deferred_insert (wal_sync = batch, worker idle) vs SELECT 1, $CLIENTS clients"
+        pair "run_deferred_idle d_batch_c$CLIENTS $CLIENTS batch" "run_select1 select1_c$CLIENTS $CLIENTS" "$r"
+    fi
+    if runs always; then
+        log "deferred_insert (wal_sync = always, worker idle) vs INSERT, synchronous_commit = on"
+        pair "run_deferred_idle d_always_c$CLIENTS $CLIENTS always" "run_insert insert_on_c$CLIENTS $CLIENTS on" "$r"
+    fi
+    if runs worker; then
+        log "deferred_insert (wal_sync = batch, worker flushing every 100 ms) vs INSERT, synchronous_commit = off"
+        pair "run_deferred_flushing d_flushing_c$CLIENTS $CLIENTS" "run_insert insert_off_c$CLIENTS $CLIENTS off" "$r"
+    fi
+    if runs scaling; then
+        for c in $SCALING; do
+            if [ "$c" = "$CLIENTS" ] && runs idle; then continue; fi   # measured above
+            log "scaling: deferred_insert (batch, worker idle) vs SELECT 1, $c clients"
+            pair "run_deferred_idle d_batch_c$c $c batch" "run_select1 select1_c$c $c" "$r"
+        done
+    fi
+    if runs flush || runs shmem; then
+        if [ "$r" -eq 1 ]; then prepare_flush_rows; fi
+    fi
+    if runs flush; then
+        log "deferred_flush() of $FLUSH_ROWS queued single-row entries vs COPY"
+        pair flush_deferred flush_copy "$r"
+    elif runs shmem; then
+        log "shared memory of $FLUSH_ROWS queued single-row entries"
+        flush_deferred
+    fi
 done
 
 PERF_TOP=
@@ -460,17 +511,19 @@ backlog_ok=$(awk -v m="${BACKLOG[max]:-0}" -v t="$tps_d_flush" 'BEGIN{print (m <
 if [ "$backlog_ok" != yes ] && [ "$m3" = yes ]; then m3="**no** (backlog)"; fi
 backlog_secs=$(awk -v m="${BACKLOG[max]:-0}" -v t="$tps_d_flush" 'BEGIN{ if (t > 0) printf "%.2f", m / t; else print "n/a" }')
 
-flush_rps=$(awk -v n="$FLUSH_ROWS" -v ms="${FLUSH[flush_ms]}" -v r="$ROUNDS" 'BEGIN{printf "%.0f", n / (ms / r / 1000)}')
-copy_rps=$(awk -v n="$FLUSH_ROWS" -v ms="${FLUSH[copy_ms]}" -v r="$ROUNDS" 'BEGIN{printf "%.0f", n / (ms / r / 1000)}')
+# rows/s from the summed milliseconds of the rounds; 0 when not run
+rows_per_s() { awk -v n="$FLUSH_ROWS" -v ms="${1:-0}" -v r="$ROUNDS" 'BEGIN{ if (ms > 0) printf "%.0f", n / (ms / r / 1000); else print 0 }'; }
+flush_rps=$(rows_per_s "${FLUSH[flush_ms]:-}")
+copy_rps=$(rows_per_s "${FLUSH[copy_ms]:-}")
 r4=$(ratio "$flush_rps" "$copy_rps"); m4=$(met "$r4" 0.8)
 # rows/s ratio of each round = COPY time / flush time
-pr4=$(awk -v a="${FLUSH[copy_runs]}" -v b="${FLUSH[flush_runs]}" 'BEGIN{
+pr4=$(awk -v a="${FLUSH[copy_runs]:-}" -v b="${FLUSH[flush_runs]:-}" 'BEGIN{
     n = split(a, x, " "); split(b, y, " "); out = ""
     for (i = 1; i <= n; i++) out = out (i > 1 ? ", " : "") (y[i] > 0 ? sprintf("%.3f", x[i] / y[i]) : "n/a")
     print out }')
 
-per_entry=$(awk -v b="${FLUSH[entry_bytes]}" -v n="${FLUSH[entries]}" 'BEGIN{ if (n > 0) printf "%.1f", b / n; else print "n/a" }')
-per_payload=$(awk -v b="${FLUSH[payload_bytes]}" -v n="$FLUSH_ROWS" 'BEGIN{printf "%.1f", b / n}')
+per_entry=$(awk -v b="${FLUSH[entry_bytes]:-0}" -v n="${FLUSH[entries]:-0}" 'BEGIN{ if (n > 0) printf "%.1f", b / n; else print "n/a" }')
+per_payload=$(awk -v b="${FLUSH[payload_bytes]:-0}" -v n="$FLUSH_ROWS" 'BEGIN{printf "%.1f", b / n}')
 overhead=$(awk -v a="$per_entry" -v b="$per_payload" 'BEGIN{ if (a == "n/a") print "n/a"; else printf "%.1f", a - b }')
 m5=$(awk -v o="$overhead" 'BEGIN{ if (o == "n/a") print "n/a"; else print (o + 0 <= 64) ? "yes" : "**no**" }')
 
@@ -500,17 +553,19 @@ report() {
     echo
     echo "| what | measured | reference | ratio | per round | target | met? |"
     echo "| --- | ---: | ---: | ---: | ---: | --- | --- |"
-    echo "| \`SELECT deferred_insert(...)\`, wal_sync = batch, worker idle | $tps_d_batch tps | \`SELECT 1\`: $tps_sel tps | ${r1}x | $(per_round "d_batch_c$C" "select1_c$C") | >= 0.70x | $m1 |"
-    echo "| same, wal_sync = always | $tps_d_always tps | \`INSERT\`, synchronous_commit = on: $tps_ins_on tps | ${r2}x | $(per_round "d_always_c$C" "insert_on_c$C") | >= 1.0x | $m2 |"
-    echo "| same, wal_sync = batch, worker flushing every 100 ms; backlog at most ${BACKLOG[max]:-?} entries = ${backlog_secs} s of traffic | $tps_d_flush tps | \`INSERT\`, synchronous_commit = off: $tps_ins_off tps | ${r3}x | $(per_round "d_flushing_c$C" "insert_off_c$C") | >= 1.3x, backlog < 1 s | $m3 |"
-    echo "| \`deferred_flush()\` of $FLUSH_ROWS queued single-row inserts | $flush_rps rows/s | \`COPY\` of the same rows: $copy_rps rows/s | ${r4}x | $pr4 | >= 0.8x | $m4 |"
-    echo "| shared memory per pending entry (pending_bytes / pending) | $per_entry bytes | payload JSON text: $per_payload bytes | +$overhead bytes | | <= payload + 64 | $m5 |"
+    # (BENCH_ONLY: only the rows that ran)
+    if runs idle; then echo "| \`SELECT deferred_insert(...)\`, wal_sync = batch, worker idle | $tps_d_batch tps | \`SELECT 1\`: $tps_sel tps | ${r1}x | $(per_round "d_batch_c$C" "select1_c$C") | >= 0.70x | $m1 |"; fi
+    if runs always; then echo "| \`deferred_insert\`, wal_sync = always | $tps_d_always tps | \`INSERT\`, synchronous_commit = on: $tps_ins_on tps | ${r2}x | $(per_round "d_always_c$C" "insert_on_c$C") | >= 1.0x | $m2 |"; fi
+    if runs worker; then echo "| \`deferred_insert\`, wal_sync = batch, worker flushing every 100 ms; backlog at most ${BACKLOG[max]:-?} entries = ${backlog_secs} s of traffic | $tps_d_flush tps | \`INSERT\`, synchronous_commit = off: $tps_ins_off tps | ${r3}x | $(per_round "d_flushing_c$C" "insert_off_c$C") | >= 1.3x, backlog < 1 s | $m3 |"; fi
+    if runs flush; then echo "| \`deferred_flush()\` of $FLUSH_ROWS queued single-row inserts | $flush_rps rows/s | \`COPY\` of the same rows: $copy_rps rows/s | ${r4}x | $pr4 | >= 0.8x | $m4 |"; fi
+    if runs shmem; then echo "| shared memory per pending entry (pending_bytes / pending) | $per_entry bytes | payload JSON text: $per_payload bytes | +$overhead bytes | | <= payload + 64 | $m5 |"; fi
+    local k label l c a b l2
+    if runs idle || runs always || runs worker; then
     echo
     echo "## Latency of the call (per-transaction pgbench logs, $C clients)"
     echo
     echo "| run | tps | p50 ms | p99 ms |"
     echo "| --- | ---: | ---: | ---: |"
-    local k label l
     for k in "d_batch_c$C|deferred_insert, wal_sync = batch, worker idle" \
              "select1_c$C|SELECT 1" \
              "d_always_c$C|deferred_insert, wal_sync = always, worker idle" \
@@ -518,6 +573,7 @@ report() {
              "d_flushing_c$C|deferred_insert, wal_sync = batch, worker flushing every 100 ms" \
              "insert_off_c$C|INSERT, synchronous_commit = off"; do
         label=${k#*|}; k=${k%%|*}
+        if [ -z "${TPS_N[$k]:-}" ]; then continue; fi   # not run (BENCH_ONLY)
         l=$(latency "$k")
         echo "| $label | $(tps_of "$k") | ${l% *} | ${l#* } |"
     done
@@ -527,30 +583,40 @@ report() {
     echo "looks is stamped with the time the transaction began, so with several clients per thread"
     echo "latencies below about 0.1 ms are not resolved (a p50 of 0 for \`SELECT 1\`); the"
     echo "1-client rows of the scaling table are closer to the truth."
+    fi
+    if runs scaling; then
     echo
     echo "## Scaling (wal_sync = batch, worker idle; -j $JOBS, or -j 1 for one client)"
     echo
     echo "| clients | deferred_insert tps | SELECT 1 tps | ratio (per round) | deferred_insert p50 / p99 ms | SELECT 1 p50 / p99 ms |"
     echo "| ---: | ---: | ---: | ---: | ---: | ---: |"
-    local c a b l2
     for c in $SCALING; do
         a=$(tps_of "d_batch_c$c"); b=$(tps_of "select1_c$c")
         l=$(latency "d_batch_c$c"); l2=$(latency "select1_c$c")
         echo "| $c | $a | $b | $(ratio "$a" "$b")x ($(per_round "d_batch_c$c" "select1_c$c")) | ${l% *} / ${l#* } | ${l2% *} / ${l2#* } |"
     done
+    fi
     echo
     echo "## Details"
     echo
+    if runs worker; then
     echo "- Backlog with the worker flushing (batch_window_ms = 100, batch_max_size = 0):"
     echo "  \`pending\` sampled every second (${BACKLOG[samples]:-0} samples): at most ${BACKLOG[max]:-?},"
     echo "  ${BACKLOG[end]:-?} right after the last run, against one second of traffic = $tps_d_flush entries;"
     echo "  the worker applied ${BACKLOG[applied]:-?} of the ${BACKLOG[enqueued]:-?} entries queued during the run(s)."
+    fi
+    if runs flush || runs shmem; then
     echo "- Flush row: ${FLUSH[entries]} entries queued by one \`SELECT count(deferred_insert(...))\`"
     printf '%s\n' "  (one transaction, $(awk -v ms="${FLUSH[queue_ms]}" -v r="$ROUNDS" 'BEGIN{printf "%.0f", ms / r}') ms), then \`SELECT deferred_flush()\` timed with psql \`\\timing\`:"
+    if runs flush; then
     echo "  $(awk -v ms="${FLUSH[flush_ms]}" -v r="$ROUNDS" 'BEGIN{printf "%.0f", ms / r}') ms; server-side \`COPY bench_copy FROM\` a file of the same rows:"
     echo "  $(awk -v ms="${FLUSH[copy_ms]}" -v r="$ROUNDS" 'BEGIN{printf "%.0f", ms / r}') ms. Tables without indexes; CHECKPOINT before each."
+    else
+    echo "  $(awk -v ms="${FLUSH[flush_ms]}" -v r="$ROUNDS" 'BEGIN{printf "%.0f", ms / r}') ms (COPY not run: BENCH_ONLY has no flush)."
+    fi
     echo "- Shared memory: pending_bytes grew by ${FLUSH[entry_bytes]} bytes for ${FLUSH[entries]} entries; their"
     echo "  payloads (\`jsonb::text\` of \`{\"id\": <bigint>, \"payload\": \"$PAYLOAD_TEXT\"}\`) total ${FLUSH[payload_bytes]} bytes."
+    fi
     echo "- Settings: shared_buffers = 256MB, autovacuum = off, max_wal_size = 8GB,"
     echo "  athena_deferred.queue_size = $QUEUE_SIZE; \"worker idle\" = batch_window_ms = 0 and batch_max_size = 0."
     echo "  Between runs the queue is emptied with deferred_flush(), the tables truncated, and a CHECKPOINT taken."

@@ -4,8 +4,10 @@
  *		Apply published entries through SPI, as the role that queued each.
  *
  * One flush is one transaction.  Consecutive inserts into one table by one
- * role with the same columns form a batch, applied by one statement; other
- * entries go one by one.  Each batch runs in a subtransaction under its
+ * role with the same columns form a batch, applied by one COPY fed from the
+ * queue (or, where COPY cannot give what INSERT gives, by INSERT statements);
+ * other entries go one by one, through prepared statements kept across
+ * flushes.  Each batch runs in a subtransaction under its
  * queuing role (SECURITY_LOCAL_USERID_CHANGE), so privileges, row-level
  * security and defaults such as current_user behave as if the caller had
  * run the statement; a batch that fails is split in halves down to the
@@ -18,25 +20,38 @@
  * twice.  Only after that commit (synchronous, see worker.c) may the worker
  * remove WAL segments holding the settled entries.
  *
- * Values travel as JSON parameters, never as SQL text; identifiers are
- * quoted.  This file never touches files.
+ * Values travel as JSON parameters or as COPY data, never as SQL text;
+ * identifiers are quoted.  This file never touches files.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/sysattr.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "commands/copy.h"
+#include "common/jsonapi.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_relation.h"
 #include "pgstat.h"
 #include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/jsonfuncs.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/rls.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timeout.h"
@@ -44,8 +59,29 @@
 
 #include "athena_deferred.h"
 
-/* Inserts applied by one statement at most */
-#define FLUSH_BATCH_ENTRIES 10000
+/*
+ * Inserts in one batch at most (as many as the worker's largest flush).  A
+ * batch that COPY serves is one COPY: its fixed cost (setting up the
+ * executor, the multi-insert buffers) is paid once per batch, and batches
+ * of 10000 rows and more run near the speed of a plain COPY.  A bad entry
+ * costs a retry of the halves of its batch, down to itself: about twice the
+ * batch's work.
+ */
+#define FLUSH_BATCH_ENTRIES 1000000
+
+/*
+ * Inserts applied by one INSERT ... SELECT FROM json_populate_recordset() at
+ * most, where COPY cannot serve a batch: the statement parses one JSON
+ * document of all its rows and keeps them in a tuplestore, which gets slower
+ * above some ten thousand rows.
+ */
+#define FLUSH_STATEMENT_ENTRIES 10000
+
+/* Prepared statements kept for entries applied one by one */
+#define STATEMENT_CACHE_SIZE 64
+
+/* COPY data prepared ahead of the COPY's reads, in bytes */
+#define COPY_FEED_CHUNK 65536
 
 static MemoryContext flush_context = NULL;
 
@@ -95,14 +131,108 @@ part_json(const DeferredPart *part)
 	return PointerGetDatum(cstring_to_text_with_len(part_text(part), part->textlen));
 }
 
-/* Run one statement with JSON parameters and return the rows it touched */
+/*
+ * Statements applying single entries are prepared once and kept (SPI
+ * plans, which the plan cache revalidates after DDL on what they use),
+ * most recently used first.  The key is the target's OID, the role, and the
+ * statement's text, which names the target by its current name: a renamed
+ * target gets a statement of its own, and a statement is never reused for
+ * another table that took the old name, whose OID differs.
+ */
+typedef struct StatementSlot
+{
+	Oid			relid;
+	Oid			roleid;
+	char	   *sql;
+	SPIPlanPtr	plan;
+} StatementSlot;
+
+static StatementSlot statement_cache[STATEMENT_CACHE_SIZE];
+static int	statement_cache_used = 0;
+static MemoryContext statement_cache_context = NULL;
+
+/*
+ * Cached statements running now.  A statement's trigger can apply an entry
+ * itself (athena_deferred.enabled = off); while one runs, no plan is
+ * evicted, since that would free the running statement's plan.
+ */
+static int	statement_cache_running = 0;
+
+/* The cached plan of a statement, or NULL if it cannot be cached now */
+static SPIPlanPtr
+cached_statement(Oid relid, const char *sql, int nargs, Oid *types)
+{
+	Oid			roleid = GetUserId();
+	StatementSlot slot;
+	int			i;
+
+	for (i = 0; i < statement_cache_used; i++)
+	{
+		StatementSlot *s = &statement_cache[i];
+
+		if (s->relid == relid && s->roleid == roleid && strcmp(s->sql, sql) == 0)
+			break;
+	}
+
+	if (i < statement_cache_used)
+		slot = statement_cache[i];
+	else
+	{
+		if (statement_cache_running > 0 && statement_cache_used == STATEMENT_CACHE_SIZE)
+			return NULL;
+		if (statement_cache_context == NULL)
+			statement_cache_context = AllocSetContextCreate(TopMemoryContext,
+															"athena_deferred statements",
+															ALLOCSET_SMALL_SIZES);
+		slot.plan = SPI_prepare(sql, nargs, types);
+		if (slot.plan == NULL)
+			elog(ERROR, "athena_deferred: could not prepare \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(slot.plan) != 0)
+			elog(ERROR, "athena_deferred: could not keep the plan of \"%s\"", sql);
+		slot.relid = relid;
+		slot.roleid = roleid;
+		slot.sql = MemoryContextStrdup(statement_cache_context, sql);
+		if (statement_cache_used == STATEMENT_CACHE_SIZE)
+		{
+			StatementSlot *lru = &statement_cache[--statement_cache_used];
+
+			SPI_freeplan(lru->plan);
+			pfree(lru->sql);
+		}
+		i = statement_cache_used++;
+	}
+	memmove(&statement_cache[1], &statement_cache[0], sizeof(StatementSlot) * i);
+	statement_cache[0] = slot;
+	return slot.plan;
+}
+
+/*
+ * Run one statement on relid with JSON parameters, through a cached plan,
+ * and return the rows it touched
+ */
 static int64
-run_statement(const char *sql, int nargs, Datum *args, int expected)
+run_statement(Oid relid, const char *sql, int nargs, Datum *args, int expected)
 {
 	Oid			types[2] = {JSONOID, JSONOID};
+	SPIPlanPtr	plan = cached_statement(relid, sql, nargs, types);
 	int			rc;
 
-	rc = SPI_execute_with_args(sql, nargs, types, args, NULL, false, 0);
+	if (plan == NULL)
+		rc = SPI_execute_with_args(sql, nargs, types, args, NULL, false, 0);
+	else
+	{
+		statement_cache_running++;
+		PG_TRY();
+		{
+			rc = SPI_execute_plan(plan, args, NULL, false, 0);
+		}
+		PG_FINALLY();
+		{
+			statement_cache_running--;
+		}
+		PG_END_TRY();
+	}
 	if (rc != expected)
 		elog(ERROR, "athena_deferred: unexpected SPI result %d for \"%s\"", rc, sql);
 	return (int64) SPI_processed;
@@ -110,7 +240,7 @@ run_statement(const char *sql, int nargs, Datum *args, int expected)
 
 /* Insert the rows of a JSON array, with the columns a part names */
 static int64
-run_insert(const char *relname, const DeferredPart *part, Datum json)
+run_insert(Oid relid, const char *relname, const DeferredPart *part, Datum json)
 {
 	StringInfoData sql;
 
@@ -120,7 +250,7 @@ run_insert(const char *relname, const DeferredPart *part, Datum json)
 	appendStringInfoString(&sql, ") SELECT ");
 	append_columns(&sql, part, "");
 	appendStringInfo(&sql, " FROM pg_catalog.json_populate_recordset(NULL::%s, $1)", relname);
-	return run_statement(sql.data, 1, &json, SPI_OK_INSERT);
+	return run_statement(relid, sql.data, 1, &json, SPI_OK_INSERT);
 }
 
 /*
@@ -143,7 +273,7 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 		case DEFERRED_INSERT:
 			/* one statement per run of rows with the same keys */
 			for (int i = 0; i < entry->nparts; i++, part = part_next(part))
-				*rows += run_insert(relname, part, part_json(part));
+				*rows += run_insert(entry->relid, relname, part, part_json(part));
 			break;
 
 		case DEFERRED_UPDATE:
@@ -168,7 +298,7 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 				append_conditions(&sql, part);
 				args[0] = part_json(part);
 				args[1] = part_json(changes);
-				*rows = run_statement(sql.data, 2, args, SPI_OK_UPDATE);
+				*rows = run_statement(entry->relid, sql.data, 2, args, SPI_OK_UPDATE);
 			}
 			break;
 
@@ -178,7 +308,7 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 							 relname, relname);
 			append_conditions(&sql, part);
 			args[0] = part_json(part);
-			*rows = run_statement(sql.data, 1, args, SPI_OK_DELETE);
+			*rows = run_statement(entry->relid, sql.data, 1, args, SPI_OK_DELETE);
 			break;
 	}
 }
@@ -307,36 +437,49 @@ dead_letter_in_subxact(const char *schema, const DeferredEntry *entry, ErrorData
 	return edata == NULL;
 }
 
+/* Do two parts name the same columns, in the same order? */
+static bool
+same_columns(const DeferredPart *a, const DeferredPart *b)
+{
+	const char *na = part_names(a);
+	const char *nb = part_names(b);
+
+	if (a->ncols != b->ncols || a->namelen != b->namelen)
+		return false;
+	if (memcmp(na, nb, a->namelen) == 0)
+		return true;
+	for (int i = 0; i < a->ncols; i++)
+	{
+		/* skip the null flags: they describe the first row only */
+		na++;
+		nb++;
+		if (strcmp(na, nb) != 0)
+			return false;
+		na += strlen(na) + 1;
+		nb += strlen(nb) + 1;
+	}
+	return true;
+}
+
 /*
  * Can entry b join a batch started by entry a?  Inserts into the same table
  * by the same role, each one run of rows with the same columns, are applied
- * by one statement.
+ * together.
  */
 static bool
 batchable(const DeferredEntry *a, const DeferredEntry *b)
 {
-	const DeferredPart *pa = entry_first_part(a);
-	const DeferredPart *pb = entry_first_part(b);
-
 	return a->op == DEFERRED_INSERT && b->op == DEFERRED_INSERT &&
 		a->nparts == 1 && b->nparts == 1 &&
 		a->relid == b->relid && a->roleid == b->roleid &&
-		pa->namelen == pb->namelen &&
-		memcmp(part_names(pa), part_names(pb), pa->namelen) == 0;
+		same_columns(entry_first_part(a), entry_first_part(b));
 }
 
-/* Apply a batch (one entry, or batchable inserts) to relname; rows touched */
+/* Insert a batch with INSERT ... SELECT FROM json_populate_recordset() */
 static int64
-apply_batch(DeferredEntry **batch, int count, const char *relname)
+insert_by_statement(DeferredEntry **batch, int count, const char *relname)
 {
 	StringInfoData rows;
-	int64		touched;
-
-	if (count == 1)
-	{
-		flush_apply_entry(batch[0], relname, &touched);
-		return touched;
-	}
 
 	/* join the entries' arrays of rows into one */
 	initStringInfo(&rows);
@@ -350,8 +493,730 @@ apply_batch(DeferredEntry **batch, int count, const char *relname)
 		appendBinaryStringInfo(&rows, part_text(part) + 1, part->textlen - 2);
 	}
 	appendStringInfoChar(&rows, ']');
-	return run_insert(relname, entry_first_part(batch[0]),
+	return run_insert(batch[0]->relid, relname, entry_first_part(batch[0]),
 					  PointerGetDatum(cstring_to_text_with_len(rows.data, rows.len)));
+}
+
+/*
+ * The COPY path.  A batch of inserts becomes COPY text-format rows, made
+ * from the entries' JSON as COPY reads them, so that only a chunk of them
+ * exists at a time.  Each value is turned into the very string that
+ * json_populate_recordset() would give the column's input function:
+ *
+ *	JSON null		NULL (\N); a column a row does not name is NULL too
+ *	string			its de-escaped text; for a json or jsonb column (or a
+ *					domain over one) the string re-quoted as a JSON string
+ *	number, true,	the token as written
+ *	false
+ *	object, array	its JSON text as written, whitespace included
+ *
+ * and then escaped for COPY (backslash, tab, newline, carriage return), so
+ * that COPY hands the input function that same string.  Column types for
+ * which json_populate_recordset() does something else (arrays and
+ * composites, built element by element from JSON arrays and objects) are
+ * left to the statement path (see copy_serves).
+ */
+typedef struct CopyFeed
+{
+	DeferredEntry **batch;
+	int			count;
+	int			next;			/* next entry to convert */
+	int			ncols;
+	char	  **colnames;
+	bool	   *quote_strings;	/* per column: re-quote JSON strings */
+	int		   *valstart;		/* per column: offset of the current row's
+								 * value in rowbuf, or -1 for NULL */
+	int		   *vallen;
+	StringInfoData rowbuf;		/* the current row's values, escaped */
+	StringInfoData scratch;
+	StringInfoData out;			/* rows converted, not yet read by COPY */
+	int			outpos;
+	MemoryContext lexcxt;		/* the JSON lexer of one entry */
+} CopyFeed;
+
+/*
+ * The feed of the COPY running now.  COPY's data source callback takes no
+ * context argument, hence a static; it is set just before the COPY and
+ * never read by anything else.
+ */
+static CopyFeed *copy_feed = NULL;
+
+/* Append s to buf escaped for COPY's text format */
+static void
+append_copy_text(StringInfo buf, const char *s, int len)
+{
+	const char *run = s;
+	const char *end = s + len;
+
+	for (const char *p = s; p < end; p++)
+	{
+		const char *esc;
+
+		switch (*p)
+		{
+			case '\\':
+				esc = "\\\\";
+				break;
+			case '\t':
+				esc = "\\t";
+				break;
+			case '\n':
+				esc = "\\n";
+				break;
+			case '\r':
+				esc = "\\r";
+				break;
+			default:
+				continue;
+		}
+		appendBinaryStringInfo(buf, run, p - run);
+		appendBinaryStringInfo(buf, esc, 2);
+		run = p + 1;
+	}
+	appendBinaryStringInfo(buf, run, end - run);
+}
+
+/* Next JSON token; the lexer's errors are PostgreSQL's JSON errors */
+static void
+feed_lex(JsonLexContext *lex)
+{
+	JsonParseErrorType result = json_lex(lex);
+
+	if (result != JSON_SUCCESS)
+		json_ereport_error(result, lex);
+}
+
+static void
+feed_expect(JsonLexContext *lex, JsonTokenType type)
+{
+	if (lex->token_type != type)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("athena_deferred: queued insert is not a JSON array of objects")));
+}
+
+/* Index of the batch's column a key names, or -1 */
+static int
+feed_column(CopyFeed *f, const char *key, int guess)
+{
+	/* rows usually list their keys in the order of the part's names */
+	if (guess < f->ncols && strcmp(f->colnames[guess], key) == 0)
+		return guess;
+	for (int i = 0; i < f->ncols; i++)
+		if (strcmp(f->colnames[i], key) == 0)
+			return i;
+	return -1;
+}
+
+/*
+ * Convert the value the lexer is at into the current row's column col (-1:
+ * a key that names no column, skipped as json_populate_recordset() skips
+ * it), leaving the lexer on the value's last token.
+ */
+static void
+feed_value(CopyFeed *f, JsonLexContext *lex, int col)
+{
+	int			start = f->rowbuf.len;
+
+	switch (lex->token_type)
+	{
+		case JSON_TOKEN_NULL:
+			if (col >= 0)
+				f->valstart[col] = -1;
+			return;
+
+		case JSON_TOKEN_STRING:
+			if (col >= 0 && f->quote_strings[col])
+			{
+				resetStringInfo(&f->scratch);
+				escape_json(&f->scratch, lex->strval->data);
+				append_copy_text(&f->rowbuf, f->scratch.data, f->scratch.len);
+			}
+			else
+				append_copy_text(&f->rowbuf, lex->strval->data, lex->strval->len);
+			break;
+
+		case JSON_TOKEN_NUMBER:
+		case JSON_TOKEN_TRUE:
+		case JSON_TOKEN_FALSE:
+			append_copy_text(&f->rowbuf, lex->token_start,
+							 lex->token_terminator - lex->token_start);
+			break;
+
+		case JSON_TOKEN_OBJECT_START:
+		case JSON_TOKEN_ARRAY_START:
+			{
+				char	   *value_start = lex->token_start;
+				int			depth = 1;
+
+				while (depth > 0)
+				{
+					feed_lex(lex);
+					if (lex->token_type == JSON_TOKEN_OBJECT_START ||
+						lex->token_type == JSON_TOKEN_ARRAY_START)
+						depth++;
+					else if (lex->token_type == JSON_TOKEN_OBJECT_END ||
+							 lex->token_type == JSON_TOKEN_ARRAY_END)
+						depth--;
+					else if (lex->token_type == JSON_TOKEN_END)
+						feed_expect(lex, JSON_TOKEN_OBJECT_END);
+				}
+				append_copy_text(&f->rowbuf, value_start,
+								 lex->token_terminator - value_start);
+			}
+			break;
+
+		default:
+			feed_expect(lex, JSON_TOKEN_STRING);
+	}
+	if (col >= 0)
+	{
+		f->valstart[col] = start;
+		f->vallen[col] = f->rowbuf.len - start;
+	}
+}
+
+/* Convert one row, the lexer at its '{', into valstart and vallen */
+static void
+feed_row(CopyFeed *f, JsonLexContext *lex)
+{
+	resetStringInfo(&f->rowbuf);
+	for (int i = 0; i < f->ncols; i++)
+		f->valstart[i] = -1;
+
+	feed_lex(lex);
+	for (int key = 0; lex->token_type != JSON_TOKEN_OBJECT_END; key++)
+	{
+		int			col;
+
+		if (key > 0)
+		{
+			feed_expect(lex, JSON_TOKEN_COMMA);
+			feed_lex(lex);
+		}
+		feed_expect(lex, JSON_TOKEN_STRING);
+		col = feed_column(f, lex->strval->data, key);
+		feed_lex(lex);
+		feed_expect(lex, JSON_TOKEN_COLON);
+		feed_lex(lex);
+		/* a key given twice: the last value wins, as in the statement */
+		feed_value(f, lex, col);
+		feed_lex(lex);
+	}
+}
+
+/* Append the current row (valstart, vallen) to out as one COPY line */
+static void
+feed_emit_row(CopyFeed *f)
+{
+	for (int i = 0; i < f->ncols; i++)
+	{
+		if (i > 0)
+			appendStringInfoChar(&f->out, '\t');
+		if (f->valstart[i] < 0)
+			appendBinaryStringInfo(&f->out, "\\N", 2);
+		else
+			appendBinaryStringInfo(&f->out, f->rowbuf.data + f->valstart[i], f->vallen[i]);
+	}
+	appendStringInfoChar(&f->out, '\n');
+}
+
+/*
+ * Convert the rows of one entry, a JSON array of objects, with
+ * PostgreSQL's JSON lexer, which de-escapes strings as the statement's
+ * parser does.
+ */
+static void
+feed_entry_lexer(CopyFeed *f, const DeferredPart *part)
+{
+	JsonLexContext *lex;
+
+	/* the lexer only reads its input */
+	lex = makeJsonLexContextCstringLen(unconstify(char *, part_text(part)), part->textlen,
+									   GetDatabaseEncoding(), true);
+	feed_lex(lex);
+	feed_expect(lex, JSON_TOKEN_ARRAY_START);
+	feed_lex(lex);
+	for (int row = 0; lex->token_type != JSON_TOKEN_ARRAY_END; row++)
+	{
+		if (row > 0)
+		{
+			feed_expect(lex, JSON_TOKEN_COMMA);
+			feed_lex(lex);
+		}
+		feed_expect(lex, JSON_TOKEN_OBJECT_START);
+		feed_row(f, lex);
+		feed_emit_row(f);
+		feed_lex(lex);
+	}
+	feed_lex(lex);
+	feed_expect(lex, JSON_TOKEN_END);
+}
+
+/*
+ * The same for JSON text without a backslash, which is most of it: no
+ * string needs de-escaping, so a string's value is its bytes between the
+ * quotes, and none holds a quote, a backslash or a control character (the
+ * scanner checks), so none needs escaping for COPY or for JSON either.
+ * PostgreSQL's lexer copies strings a byte at a time; this does not.  At
+ * the first backslash in a string the scanner gives up on the entry (see
+ * feed_entry).  Anything else unexpected is an error, which fails the
+ * batch: its halves, and finally the entry alone, then take the statement
+ * path, which reports it.
+ */
+static void
+plain_error(void)
+{
+	/* never returns */
+	ereport(ERROR,
+			(errcode(ERRCODE_DATA_CORRUPTED),
+			 errmsg("athena_deferred: queued insert is not a JSON array of objects")));
+}
+
+static inline const char *
+plain_skip_space(const char *p, const char *end)
+{
+	while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+		p++;
+	return p;
+}
+
+/*
+ * p at a string's opening quote: its contents, and what follows it; NULL if
+ * it holds a backslash
+ */
+static const char *
+plain_string(const char *p, const char *end, const char **str, int *len)
+{
+	const char *start = ++p;
+
+	while (p < end && *p != '"')
+	{
+		if (*p == '\\')
+			return NULL;
+		if ((unsigned char) *p < 0x20)
+			plain_error();
+		p++;
+	}
+	if (p >= end)
+		plain_error();
+	*str = start;
+	*len = p - start;
+	return p + 1;
+}
+
+/*
+ * Convert the value at p into column col (-1: none); returns what follows,
+ * or NULL at a backslash
+ */
+static const char *
+plain_value(CopyFeed *f, const char *p, const char *end, int col)
+{
+	int			start = f->rowbuf.len;
+	const char *str;
+	int			len;
+
+	if (p >= end)
+		plain_error();
+	switch (*p)
+	{
+		case '"':
+			p = plain_string(p, end, &str, &len);
+			if (p == NULL)
+				return NULL;
+			if (col >= 0 && f->quote_strings[col])
+				appendStringInfoChar(&f->rowbuf, '"');
+			appendBinaryStringInfo(&f->rowbuf, str, len);
+			if (col >= 0 && f->quote_strings[col])
+				appendStringInfoChar(&f->rowbuf, '"');
+			break;
+
+		case '{':
+		case '[':
+			{
+				const char *value_start = p;
+				int			depth = 0;
+
+				do
+				{
+					if (p >= end)
+						plain_error();
+					if (*p == '"')
+					{
+						p = plain_string(p, end, &str, &len);
+						if (p == NULL)
+							return NULL;
+						continue;
+					}
+					if (*p == '{' || *p == '[')
+						depth++;
+					else if (*p == '}' || *p == ']')
+						depth--;
+					p++;
+				} while (depth > 0);
+				append_copy_text(&f->rowbuf, value_start, p - value_start);
+			}
+			break;
+
+		case 't':
+		case 'f':
+		case 'n':
+			{
+				const char *word = (*p == 't') ? "true" : (*p == 'f') ? "false" : "null";
+
+				len = strlen(word);
+				if (end - p < len || memcmp(p, word, len) != 0)
+					plain_error();
+				if (*p == 'n')
+				{
+					if (col >= 0)
+						f->valstart[col] = -1;
+					return p + len;
+				}
+				appendBinaryStringInfo(&f->rowbuf, p, len);
+				p += len;
+			}
+			break;
+
+		default:
+			{
+				const char *num = p;
+
+				while (p < end && (isdigit((unsigned char) *p) || *p == '-' || *p == '+' ||
+								   *p == '.' || *p == 'e' || *p == 'E'))
+					p++;
+				if (p == num || !IsValidJsonNumber(num, p - num))
+					plain_error();
+				appendBinaryStringInfo(&f->rowbuf, num, p - num);
+			}
+			break;
+	}
+	if (col >= 0)
+	{
+		f->valstart[col] = start;
+		f->vallen[col] = f->rowbuf.len - start;
+	}
+	return p;
+}
+
+/* Index of the batch's column a key (not NUL-terminated) names, or -1 */
+static int
+plain_column(CopyFeed *f, const char *key, int len, int guess)
+{
+	if (guess < f->ncols && strncmp(f->colnames[guess], key, len) == 0 &&
+		f->colnames[guess][len] == '\0')
+		return guess;
+	for (int i = 0; i < f->ncols; i++)
+		if (strncmp(f->colnames[i], key, len) == 0 && f->colnames[i][len] == '\0')
+			return i;
+	return -1;
+}
+
+static bool
+feed_entry_plain(CopyFeed *f, const char *p, const char *end)
+{
+	p = plain_skip_space(p, end);
+	if (p >= end || *p != '[')
+		plain_error();
+	for (;;)
+	{
+		p = plain_skip_space(p + 1, end);
+		if (p >= end || *p != '{')
+			plain_error();
+
+		resetStringInfo(&f->rowbuf);
+		for (int i = 0; i < f->ncols; i++)
+			f->valstart[i] = -1;
+		p = plain_skip_space(p + 1, end);
+		if (p < end && *p == '}')
+			p++;
+		else
+		{
+			for (int key = 0;; key++)
+			{
+				const char *name;
+				int			len;
+				int			col;
+
+				if (p >= end || *p != '"')
+					plain_error();
+				p = plain_string(p, end, &name, &len);
+				if (p == NULL)
+					return false;
+				col = plain_column(f, name, len, key);
+				p = plain_skip_space(p, end);
+				if (p >= end || *p != ':')
+					plain_error();
+				/* a key given twice: the last value wins, as in the statement */
+				p = plain_value(f, plain_skip_space(p + 1, end), end, col);
+				if (p == NULL)
+					return false;
+				p = plain_skip_space(p, end);
+				if (p < end && *p == ',')
+					p = plain_skip_space(p + 1, end);
+				else if (p < end && *p == '}')
+				{
+					p++;
+					break;
+				}
+				else
+					plain_error();
+			}
+		}
+		feed_emit_row(f);
+
+		p = plain_skip_space(p, end);
+		if (p < end && *p == ']')
+			break;
+		if (p >= end || *p != ',')
+			plain_error();
+	}
+	if (plain_skip_space(p + 1, end) != end)
+		plain_error();
+	return true;
+}
+
+/* Convert the rows of one entry into COPY lines */
+static void
+feed_entry(CopyFeed *f, const DeferredEntry *entry)
+{
+	const DeferredPart *part = entry_first_part(entry);
+	const char *text = part_text(part);
+	int			start = f->out.len;
+
+	if (!feed_entry_plain(f, text, text + part->textlen))
+	{
+		/* a backslash: the entry's rows again, from the start */
+		f->out.len = start;
+		f->out.data[start] = '\0';
+		feed_entry_lexer(f, part);
+	}
+}
+
+/*
+ * COPY's data source: hand over up to maxread bytes of rows, converting
+ * entries as needed; 0 at the end of the batch.
+ */
+static int
+copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
+{
+	CopyFeed   *f = copy_feed;
+	int			done = 0;
+
+	Assert(f != NULL);
+	while (done < maxread)
+	{
+		int			avail = f->out.len - f->outpos;
+
+		if (avail == 0)
+		{
+			MemoryContext oldcxt;
+
+			if (f->next >= f->count)
+				break;
+			resetStringInfo(&f->out);
+			f->outpos = 0;
+			oldcxt = MemoryContextSwitchTo(f->lexcxt);
+			while (f->next < f->count && f->out.len < COPY_FEED_CHUNK)
+			{
+				MemoryContextReset(f->lexcxt);
+				feed_entry(f, f->batch[f->next++]);
+			}
+			MemoryContextSwitchTo(oldcxt);
+			continue;
+		}
+		avail = Min(avail, maxread - done);
+		memcpy((char *) outbuf + done, f->out.data + f->outpos, avail);
+		f->outpos += avail;
+		done += avail;
+	}
+	return done;
+}
+
+/*
+ * Can COPY insert a batch of rows with these columns into rel and give
+ * exactly what INSERT ... SELECT FROM json_populate_recordset() gives?  If
+ * so, fill attnums and quote_strings for the columns.  Runs as the queuing
+ * role.  Where the answer is no the statement path runs, and with it
+ * whatever error or behaviour INSERT has.
+ */
+static bool
+copy_serves(Relation rel, char **colnames, int ncols, AttrNumber *attnums,
+			bool *quote_strings)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Bitmapset  *named = NULL;
+
+	/* COPY does not apply rules, and refuses row-level security */
+	if ((rel->rd_rel->relkind != RELKIND_RELATION &&
+		 rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE) ||
+		rel->rd_rel->relhasrules ||
+		check_enable_rls(RelationGetRelid(rel), InvalidOid, true) == RLS_ENABLED)
+		return false;
+
+	/*
+	 * The statement reaches the table by its schema-qualified name and calls
+	 * json_populate_recordset(): privileges COPY would not check.  (A
+	 * read-only transaction fails INSERT with its own message.)
+	 */
+	if (XactReadOnly ||
+		pg_namespace_aclcheck(RelationGetNamespace(rel), GetUserId(), ACL_USAGE) != ACLCHECK_OK ||
+		pg_proc_aclcheck(F_JSON_POPULATE_RECORDSET, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		return false;
+
+	for (int i = 0; i < ncols; i++)
+	{
+		Form_pg_attribute att;
+		Oid			basetype;
+
+		attnums[i] = attnameAttNum(rel, colnames[i], false);
+		if (attnums[i] <= 0)
+			return false;
+		att = TupleDescAttr(desc, attnums[i] - 1);
+
+		/* COPY writes GENERATED ALWAYS identity columns, INSERT refuses to */
+		if (att->attgenerated || att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS)
+			return false;
+
+		basetype = getBaseType(att->atttypid);
+		if (type_is_array(basetype) || get_typtype(basetype) == TYPTYPE_COMPOSITE)
+			return false;
+		quote_strings[i] = (basetype == JSONOID || basetype == JSONBOID);
+		named = bms_add_member(named, attnums[i]);
+	}
+
+	/*
+	 * json_populate_recordset(NULL::table, ...) gives every column the rows
+	 * do not name a NULL, and checks a domain's constraints against it, so
+	 * INSERT fails where a NOT NULL domain column is left to its default;
+	 * COPY would take the default.
+	 */
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (!att->attisdropped && !bms_is_member(i + 1, named) &&
+			get_typtype(att->atttypid) == TYPTYPE_DOMAIN)
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Insert a batch with COPY, if COPY can serve it (see copy_serves); false
+ * if it cannot, with nothing done.  The caller holds RowExclusiveLock on the
+ * target and runs as the queuing role.
+ */
+static bool
+insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
+{
+	const DeferredPart *part = entry_first_part(batch[0]);
+	int			ncols = part->ncols;
+	MemoryContext copycxt;
+	MemoryContext oldcxt;
+	Relation	rel;
+	CopyFeed   *f;
+	AttrNumber *attnums;
+	List	   *attnamelist = NIL;
+	const char *name;
+	ParseState *pstate;
+	RangeTblEntry *rte;
+	CopyFromState cstate;
+	List	   *options;
+
+	/*
+	 * In the subtransaction's memory: if the COPY fails, its abort frees
+	 * what the COPY and the feed allocated.
+	 */
+	copycxt = AllocSetContextCreate(CurTransactionContext, "athena_deferred copy",
+									ALLOCSET_DEFAULT_SIZES);
+	oldcxt = MemoryContextSwitchTo(copycxt);
+
+	f = palloc0(sizeof(CopyFeed));
+	f->batch = batch;
+	f->count = count;
+	f->ncols = ncols;
+	f->colnames = palloc(sizeof(char *) * ncols);
+	f->quote_strings = palloc(sizeof(bool) * ncols);
+	f->valstart = palloc(sizeof(int) * ncols);
+	f->vallen = palloc(sizeof(int) * ncols);
+	attnums = palloc(sizeof(AttrNumber) * ncols);
+	name = part_names(part);
+	for (int i = 0; i < ncols; i++)
+	{
+		name++;					/* null flag */
+		f->colnames[i] = pstrdup(name);
+		attnamelist = lappend(attnamelist, makeString(f->colnames[i]));
+		name += strlen(name) + 1;
+	}
+
+	rel = table_open(batch[0]->relid, NoLock);
+	if (!copy_serves(rel, f->colnames, ncols, attnums, f->quote_strings))
+	{
+		table_close(rel, NoLock);
+		MemoryContextSwitchTo(oldcxt);
+		MemoryContextDelete(copycxt);
+		return false;
+	}
+
+	/* the checks COPY leaves to its caller: INSERT on the columns */
+	pstate = make_parsestate(NULL);
+	pstate->p_sourcetext = "athena_deferred flush";
+	rte = addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock,
+										NULL, false, false)->p_rte;
+	rte->requiredPerms = ACL_INSERT;
+	for (int i = 0; i < ncols; i++)
+		rte->insertedCols = bms_add_member(rte->insertedCols,
+										   attnums[i] - FirstLowInvalidHeapAttributeNumber);
+	ExecCheckRTPerms(pstate->p_rtable, true);
+
+	initStringInfo(&f->rowbuf);
+	initStringInfo(&f->scratch);
+	initStringInfo(&f->out);
+	f->lexcxt = AllocSetContextCreate(copycxt, "athena_deferred copy rows",
+									  ALLOCSET_DEFAULT_SIZES);
+	copy_feed = f;
+
+	/* the rows are the database's text already: no conversion */
+	options = list_make1(makeDefElem("encoding",
+									 (Node *) makeString(pstrdup(GetDatabaseEncodingName())), -1));
+
+	/* like a statement: see what came before, with a snapshot of its own */
+	CommandCounterIncrement();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	cstate = BeginCopyFrom(pstate, rel, NULL, NULL, false, copy_feed_read,
+						   attnamelist, options);
+	*rows = (int64) CopyFrom(cstate);
+	EndCopyFrom(cstate);
+	PopActiveSnapshot();
+	CommandCounterIncrement();
+
+	copy_feed = NULL;
+	table_close(rel, NoLock);
+	free_parsestate(pstate);
+	MemoryContextSwitchTo(oldcxt);
+	MemoryContextDelete(copycxt);
+	return true;
+}
+
+/* Apply a batch (one entry, or batchable inserts) to relname; rows touched */
+static int64
+apply_batch(DeferredEntry **batch, int count, const char *relname)
+{
+	int64		touched = 0;
+
+	if (count == 1)
+	{
+		flush_apply_entry(batch[0], relname, &touched);
+		return touched;
+	}
+
+	if (insert_by_copy(batch, count, &touched))
+		return touched;
+
+	for (int i = 0; i < count; i += FLUSH_STATEMENT_ENTRIES)
+		touched += insert_by_statement(batch + i, Min(count - i, FLUSH_STATEMENT_ENTRIES), relname);
+	return touched;
 }
 
 typedef struct BatchArgs

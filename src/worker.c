@@ -30,8 +30,39 @@
 
 #include "athena_deferred.h"
 
-/* Entries applied in one flush transaction at most */
-#define FLUSH_MAX_ENTRIES	10000
+/*
+ * Entries applied in one flush transaction at most.  A flush has fixed costs
+ * (its commit, its progress record, the WAL chores of the loop between two
+ * flushes) that large batches amortize: COPY applies inserts at up to a
+ * million rows a second.  But a flush keeps its entries invisible and its
+ * row locks held until it commits, and updates and deletes, one statement
+ * each, run an order of magnitude slower.  So the limit follows the speed
+ * of the last full flush, aiming at FLUSH_TARGET_MS of work, between
+ * FLUSH_MIN_ENTRIES and FLUSH_MAX_ENTRIES.  Memory: the flush copies the
+ * entries it takes, no more than the queue holds (queue_size), plus 16
+ * bytes an entry.
+ */
+#define FLUSH_MIN_ENTRIES	10000
+#define FLUSH_MAX_ENTRIES	1000000
+#define FLUSH_TARGET_MS		1000
+
+static int	flush_limit = FLUSH_MAX_ENTRIES;
+
+/*
+ * Adapt flush_limit after a flush that handled entries in elapsed_ms.  A
+ * flush that took fewer entries than it could says nothing about how many
+ * it could take, unless it was too slow already.
+ */
+static void
+adapt_flush_limit(int handled, long elapsed_ms)
+{
+	double		wanted;
+
+	if (handled <= 0 || (handled < flush_limit && elapsed_ms <= FLUSH_TARGET_MS))
+		return;
+	wanted = (double) handled * FLUSH_TARGET_MS / Max(elapsed_ms, 1);
+	flush_limit = (int) Max(Min(wanted, FLUSH_MAX_ENTRIES), FLUSH_MIN_ENTRIES);
+}
 
 /*
  * An idle worker exits after this long, well within the 5 s that DROP
@@ -217,6 +248,7 @@ deferred_worker_main(Datum main_arg)
 	{
 		int			handled = 0;
 		int			settled = 0;
+		int			limit;
 		long		timeout;
 		long		elapsed;
 
@@ -233,11 +265,15 @@ deferred_worker_main(Datum main_arg)
 		 * or deferred_flush() asks; batch_window_ms = 0 turns the timer off.
 		 */
 		elapsed = TimestampDifferenceMilliseconds(last_flush, GetCurrentTimestamp());
+		limit = flush_limit;
 		if (more || (deferred_batch_window_ms > 0 && elapsed >= deferred_batch_window_ms) ||
 			flush_requested() || batch_full())
 		{
-			handled = flush_run(FLUSH_MAX_ENTRIES, &settled);
+			TimestampTz started = GetCurrentTimestamp();
+
+			handled = flush_run(limit, &settled);
 			last_flush = GetCurrentTimestamp();
+			adapt_flush_limit(handled, (long) ((last_flush - started) / 1000));
 			elapsed = 0;
 			installed = (handled >= 0);
 		}
@@ -258,7 +294,7 @@ deferred_worker_main(Datum main_arg)
 		 * dead-lettered by a burst of retries.
 		 */
 		retry_rounds = (handled > settled) ? retry_rounds + 1 : 0;
-		more = (handled == FLUSH_MAX_ENTRIES);
+		more = (handled == limit);
 		if (more || (settled > 0 && flush_requested()))
 			continue;
 		if (worker_idle_exit(&idle_since))
