@@ -214,6 +214,10 @@ launcher_recover(void)
 	}
 
 	recovery_restore();
+
+	/* the workers that reported have left: start the next ones at once */
+	for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
+		launched[i].started_at = 0;
 }
 
 /*
