@@ -80,7 +80,7 @@ my $victim = $node->background_psql('postgres');
 my $pid = $victim->query_safe('SELECT pg_backend_pid()');
 kill 'KILL', $pid;
 $victim->{run}->finish;
-$node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred'})
+$node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred launcher'})
   or die 'server did not come back';
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(rows_for('segv'), "$n|$n", 'every entry applied exactly once after a backend was killed');

@@ -25,11 +25,11 @@ CREATE TABLE t (id int, point text);
 CREATE TABLE plain (id int);
 });
 
-sub wait_for_worker
+sub wait_for_launcher
 {
 	$node->poll_query_until('postgres',
-		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred'})
-	  or die 'worker did not come back';
+		q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred launcher'})
+	  or die 'launcher did not come back';
 }
 
 # arm a worker fault point through the configuration file
@@ -69,7 +69,7 @@ SET athena_deferred.fault_point = 'before_wal_write';
 SELECT deferred_insert('t', '{"id": 1000, "point": "before_wal_write"}');
 });
 isnt($ret, 0, 'before_wal_write: the call was not acknowledged');
-wait_for_worker();
+wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('before_wal_write'), '50|50', 'before_wal_write: acknowledged entries once, the dead one not at all');
 
@@ -84,7 +84,7 @@ SELECT deferred_insert('t', '{"id": 1000, "point": "after_wal_write_xid"}');
 COMMIT;
 });
 isnt($ret, 0, 'after_wal_write: the commit was not acknowledged');
-wait_for_worker();
+wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('after_wal_write_xid'), '50|50', 'after_wal_write: the in-progress transaction\'s entry is not applied');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM plain'), '0', 'after_wal_write: nor its row');
@@ -101,7 +101,7 @@ SET athena_deferred.fault_point = 'after_wal_write';
 SELECT deferred_insert('t', '{"id": 1000, "point": "after_wal_write"}');
 });
 isnt($ret, 0, 'after_wal_write without xid: outcome unknown to the client');
-wait_for_worker();
+wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('after_wal_write'), '1|1', 'after_wal_write without xid: applied once');
 
@@ -113,7 +113,7 @@ for my $point ('before_flush_commit', 'after_flush_commit')
 	arm_worker($point);
 	$node->psql('postgres', 'SELECT deferred_flush(5000)');
 	ok($node->wait_for_log(qr/fault point "$point" reached/), "$point: worker died there");
-	wait_for_worker();
+	wait_for_launcher();
 	disarm();
 	$node->safe_psql('postgres', 'SELECT deferred_flush()');
 	is(applied($point), '100|100', "$point: every entry applied exactly once");
@@ -126,7 +126,7 @@ cmp_ok($segments_before, '>', 3, "several segments in use ($segments_before)");
 arm_worker('segment_removal');
 $node->psql('postgres', 'SELECT deferred_flush(5000)');
 ok($node->wait_for_log(qr/fault point "segment_removal" reached/), 'segment_removal: worker died there');
-wait_for_worker();
+wait_for_launcher();
 disarm();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('segment_removal'), '2000|2000', 'segment_removal: every entry applied exactly once');
@@ -140,7 +140,7 @@ arm_worker('mid_recovery');
 $node->stop('immediate');
 $node->start;
 ok($node->wait_for_log(qr/fault point "mid_recovery" reached/), 'mid_recovery: worker died while replaying');
-wait_for_worker();
+wait_for_launcher();
 disarm();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('mid_recovery'), '2000|2000', 'mid_recovery: every entry applied exactly once');

@@ -93,7 +93,7 @@ my $victim = $node->safe_psql('postgres',
 	q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND query LIKE '%deferred_insert%' LIMIT 1});
 kill 'KILL', $victim;
 $h->finish;
-$node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred'})
+$node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'athena_deferred launcher'})
   or die 'server did not come back';
 check_round(2, acked($out), 'backend killed');
 

@@ -33,8 +33,8 @@ my ($ret, $out, $err) = $standby->psql('postgres', q{SELECT deferred_insert('t',
 isnt($ret, 0, 'queuing on a standby fails');
 like($err, qr/ERROR:  25006: cannot execute deferred_insert\(\) in a read-only transaction/,
 	'with a read-only error (25006)');
-is($standby->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'athena_deferred'}),
-	'0', 'no worker runs on the standby');
+is($standby->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'athena_deferred%'}),
+	'0', 'neither launcher nor worker runs on the standby');
 
 $primary->stop('immediate');
 $standby->promote;
