@@ -6,9 +6,9 @@
  * The launcher starts one worker per database with pending entries.  The
  * worker wakes every batch_window_ms, when a committing backend finds
  * batch_max_size entries pending, and when deferred_flush() asks; each time
- * it flushes its database's published entries.  At server start it first
- * tells the launcher how far its database's entries were applied
- * (recovery.c).  It exits once its database has had nothing queued for
+ * it flushes its database's published entries.  At server start the
+ * launcher starts one first to learn how far the database's entries were
+ * applied (recovery.c); that one reports and leaves.  A worker exits once its database has had nothing queued for
  * WORKER_IDLE_EXIT_MS.  SIGHUP reloads the settings; SIGTERM lets the
  * flush at hand finish, then exits.  The SQL work lives in flush.c.
  *
