@@ -279,7 +279,6 @@ extern void queue_note_rolled_back(const int64 *ids, int nids);
 extern EntryOutcome queue_outcome(int64 id, bool *too_old);
 extern TimestampTz queue_oldest_pending(void);
 extern List *queue_unsettled_below(uint64 from_pos, uint64 upto);
-extern void queue_wake_worker(Oid dbid);
 extern void queue_wake_launcher(void);
 extern void queue_restore(DeferredEntry **entries, int nentries,
 						  uint64 next_qseq);

@@ -665,8 +665,8 @@ queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
 }
 
 /* Wake the database's worker, or the launcher to start one */
-void
-queue_wake_worker(Oid dbid)
+static void
+wake_worker(Oid dbid)
 {
 	DeferredShared *q = deferred_shared;
 	DeferredDatabase *db;
@@ -714,7 +714,7 @@ queue_request_flush(void)
 	if (db != NULL && db->flush_requested_qseq < target)
 		db->flush_requested_qseq = target;
 	LWLockRelease(q->lock);
-	queue_wake_worker(MyDatabaseId);
+	wake_worker(MyDatabaseId);
 	return target;
 }
 
