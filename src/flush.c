@@ -595,15 +595,19 @@ feed_expect(JsonLexContext *lex, JsonTokenType type)
 				 errmsg("athena_deferred: queued insert is not a JSON array of objects")));
 }
 
-/* Index of the batch's column a key names, or -1 */
+/*
+ * Index of the batch's column a key (len bytes, not necessarily
+ * NUL-terminated) names, or -1.  Rows usually list their keys in the order
+ * of the part's names: guess is where this key should be.
+ */
 static int
-feed_column(CopyFeed *f, const char *key, int guess)
+copy_column(CopyFeed *f, const char *key, int len, int guess)
 {
-	/* rows usually list their keys in the order of the part's names */
-	if (guess < f->ncols && strcmp(f->colnames[guess], key) == 0)
+	if (guess < f->ncols && strncmp(f->colnames[guess], key, len) == 0 &&
+		f->colnames[guess][len] == '\0')
 		return guess;
 	for (int i = 0; i < f->ncols; i++)
-		if (strcmp(f->colnames[i], key) == 0)
+		if (strncmp(f->colnames[i], key, len) == 0 && f->colnames[i][len] == '\0')
 			return i;
 	return -1;
 }
@@ -695,7 +699,7 @@ feed_row(CopyFeed *f, JsonLexContext *lex)
 			feed_lex(lex);
 		}
 		feed_expect(lex, JSON_TOKEN_STRING);
-		col = feed_column(f, lex->strval->data, key);
+		col = copy_column(f, lex->strval->data, lex->strval->len, key);
 		feed_lex(lex);
 		feed_expect(lex, JSON_TOKEN_COLON);
 		feed_lex(lex);
@@ -899,19 +903,6 @@ plain_value(CopyFeed *f, const char *p, const char *end, int col)
 	return p;
 }
 
-/* Index of the batch's column a key (not NUL-terminated) names, or -1 */
-static int
-plain_column(CopyFeed *f, const char *key, int len, int guess)
-{
-	if (guess < f->ncols && strncmp(f->colnames[guess], key, len) == 0 &&
-		f->colnames[guess][len] == '\0')
-		return guess;
-	for (int i = 0; i < f->ncols; i++)
-		if (strncmp(f->colnames[i], key, len) == 0 && f->colnames[i][len] == '\0')
-			return i;
-	return -1;
-}
-
 static bool
 feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 {
@@ -943,7 +934,7 @@ feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 				p = plain_string(p, end, &name, &len);
 				if (p == NULL)
 					return false;
-				col = plain_column(f, name, len, key);
+				col = copy_column(f, name, len, key);
 				p = plain_skip_space(p, end);
 				if (p >= end || *p != ':')
 					plain_error();

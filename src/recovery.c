@@ -50,7 +50,6 @@
 typedef struct Replay
 {
 	const char *segment;		/* file being read, for messages */
-	uint64		segno;
 	uint64		seg_max_qseq;
 	uint64		max_qseq;
 	List	   *entries;		/* DeferredEntry *, not yet filtered */
@@ -395,7 +394,6 @@ recovery_scan(void)
 		int			slot = segnos[i] % WAL_SEGMENT_SLOTS;
 
 		r.segment = path;
-		r.segno = segnos[i];
 		r.seg_max_qseq = 0;
 		wal_scan_segment(buf, size, i >= last_written, replay_record, replay_damage, &r, &scanned_stats);
 		pfree(buf);

@@ -90,6 +90,13 @@ worker_start(Oid dbid, BackgroundWorkerHandle **handle)
 }
 
 /*
+ * The database's slot, while this worker is attached to it: the launcher
+ * frees only slots without a worker, so it stays this database's.  Its
+ * fields are read under the lock.
+ */
+static DeferredDatabase *my_db = NULL;
+
+/*
  * Take the database's slot: false if another worker already serves it (a
  * launcher that restarted may start a second one).
  */
@@ -97,30 +104,26 @@ static bool
 worker_attach(void)
 {
 	DeferredDatabase *db;
-	bool		attached = false;
 
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
 	db = queue_database_slot(MyDatabaseId, true);
 	if (db != NULL && db->worker_latch == NULL)
 	{
 		db->worker_latch = MyLatch;
-		attached = true;
+		my_db = db;
 	}
 	LWLockRelease(deferred_shared->lock);
-	return attached;
+	return my_db != NULL;
 }
 
 /* Stop backends from setting the latch of a worker that is gone */
 static void
 worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 {
-	DeferredDatabase *db;
-
 	LWLockReleaseAll();			/* exiting on an error raised under a lock */
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	db = queue_database_slot(MyDatabaseId, false);
-	if (db != NULL && db->worker_latch == MyLatch)
-		db->worker_latch = NULL;
+	if (my_db->worker_latch == MyLatch)
+		my_db->worker_latch = NULL;
 	LWLockRelease(deferred_shared->lock);
 	queue_wake_launcher();
 }
@@ -133,19 +136,17 @@ worker_detach(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 static bool
 worker_idle_exit(TimestampTz *idle_since)
 {
-	DeferredDatabase *db;
 	TimestampTz now = GetCurrentTimestamp();
 	bool		leave = false;
 
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	db = queue_database_slot(MyDatabaseId, false);
-	if (db == NULL || db->pending > 0 || db->bytes > 0)
+	if (my_db->pending > 0 || my_db->bytes > 0)
 		*idle_since = 0;
 	else if (*idle_since == 0)
 		*idle_since = now;
 	else if (TimestampDifferenceMilliseconds(*idle_since, now) >= WORKER_IDLE_EXIT_MS)
 	{
-		db->worker_latch = NULL;
+		my_db->worker_latch = NULL;
 		leave = true;
 	}
 	LWLockRelease(deferred_shared->lock);
@@ -171,13 +172,10 @@ worker_apply_timeouts(void)
 static bool
 flush_requested(void)
 {
-	DeferredDatabase *db;
-	uint64		wanted = 0;
+	uint64		wanted;
 
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
-	db = queue_database_slot(MyDatabaseId, false);
-	if (db != NULL)
-		wanted = db->flush_requested_qseq;
+	wanted = my_db->flush_requested_qseq;
 	LWLockRelease(deferred_shared->lock);
 	return wanted > 0 && !queue_flushed(wanted);
 }
@@ -186,15 +184,14 @@ flush_requested(void)
 static bool
 batch_full(void)
 {
-	DeferredDatabase *db;
-	int64		pending = 0;
+	int64		pending;
 
+	if (deferred_batch_max_size <= 0)
+		return false;
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
-	db = queue_database_slot(MyDatabaseId, false);
-	if (db != NULL)
-		pending = db->pending;
+	pending = my_db->pending;
 	LWLockRelease(deferred_shared->lock);
-	return deferred_batch_max_size > 0 && pending >= deferred_batch_max_size;
+	return pending >= deferred_batch_max_size;
 }
 
 void
