@@ -427,41 +427,29 @@ append_record(StringInfo buf, json_t *rec, int elevel)
  * {"t":"e","id":..,"q":..,"db":..,"role":..,"rel":..,"op":..,"xid":..,
  *  "at":..,"att":..,"p":[{"k":..,"c":[names],"n":"vn..","j":"text"},..]}
  *
- * The tree of jansson values is built once per backend and kept: each
- * commit only sets its numbers and strings and dumps it.  Building and
- * freeing the tree for every entry cost more than the dump itself.  The
- * column arrays of a part are rebuilt only when its names differ from the
- * previous entry's, which is rare: a session mostly queues the same kind
- * of row.
+ * jansson writes the strings: each part's head ({"k":..,"c":..,"n":..)
+ * and its text.  The numbers, and the punctuation between the pieces, are
+ * put here: jansson formats each integer with snprintf(), and the nine of
+ * a record cost more than everything else in it.  The result is what
+ * json_dumpb(.., JSON_COMPACT) of the whole record gives.  A part's head
+ * is dumped again only when its kind or names differ from those of the
+ * part at the same place in the previous entry, which is rare: a session
+ * mostly queues the same kind of row.
  */
 typedef struct RecordPart
 {
-	json_t	   *obj;			/* {"k":..,"c":..,"n":..,"j":..} */
-	json_t	   *kind;
-	json_t	   *text;
-	char	   *names;			/* the name list c and n were built from */
+	char	   *head;			/* {"k":..,"c":[..],"n":"..","j": */
+	Size		headlen;
+	uint16		kind;			/* what head was dumped from */
+	char	   *names;
 	uint32		namelen;
 } RecordPart;
 
-typedef struct RecordTemplate
-{
-	json_t	   *rec;
-	json_t	   *id;
-	json_t	   *qseq;
-	json_t	   *db;
-	json_t	   *role;
-	json_t	   *rel;
-	json_t	   *op;
-	json_t	   *xid;
-	json_t	   *at;
-	json_t	   *att;
-	json_t	   *parts;			/* the "p" array */
-	int			nparts;			/* its current length */
-	int			maxparts;
-	RecordPart *part;			/* maxparts of them, in TopMemoryContext */
-} RecordTemplate;
+static RecordPart *record_parts = NULL;	/* in TopMemoryContext */
+static int	record_maxparts = 0;
 
-static RecordTemplate tmpl;
+/* A jansson string holding the part text at hand, to be dumped */
+static json_t *record_text = NULL;
 
 /* The framed records of one commit, kept between commits */
 static char *record_buf = NULL;
@@ -495,6 +483,16 @@ record_oom(void)
 			 errmsg("out of memory building an athena_deferred WAL record")));
 }
 
+pg_attribute_noreturn()
+static void
+record_not_utf8(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+			 errmsg("could not write an athena_deferred WAL record"),
+			 errdetail("Names and values must be valid UTF-8.")));
+}
+
 static json_t *
 json_checked(json_t *value)
 {
@@ -503,173 +501,142 @@ json_checked(json_t *value)
 	return value;
 }
 
-/*
- * An empty jansson object.  Not through jansson's json_object: the server
- * exports a SQL function of that name, which the dynamic linker picks.
- */
-static json_t *
-empty_object(void)
-{
-	return json_checked(json_pack("{}"));
-}
-
+/* Dump the head of part into rp: the part object without its text */
 static void
-template_init(void)
+record_part_head(RecordPart *rp, const DeferredPart *part)
 {
-	json_t	   *rec = empty_object();
-
-	/* the keys in the order the records have always had */
-	json_object_set_new_nocheck(rec, "t", json_checked(json_string_nocheck("e")));
-	json_object_set_new_nocheck(rec, "id", tmpl.id = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "q", tmpl.qseq = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "db", tmpl.db = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "role", tmpl.role = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "rel", tmpl.rel = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "op", tmpl.op = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "xid", tmpl.xid = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "at", tmpl.at = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "att", tmpl.att = json_checked(json_integer(0)));
-	json_object_set_new_nocheck(rec, "p", tmpl.parts = json_checked(json_array()));
-	if (json_object_size(rec) != 11)
-	{
-		json_decref(rec);
-		record_oom();
-	}
-	tmpl.rec = rec;
-}
-
-/* Point template part i at the names of part (a DeferredPart name list) */
-static void
-template_part_names(RecordPart *rp, const DeferredPart *part)
-{
-	json_t	   *cols = json_checked(json_array());
+	json_t	   *obj = json_checked(json_pack("{s:i}", "k", (int) part->kind));
+	json_t	   *cols = json_array();
 	const char *name = part_names(part);
 	char	   *nulls = palloc(part->ncols + 1);
+	char	   *dump;
+	Size		len;
+
+	/* forget the old head first: a failure below leaves no stale match */
+	rp->namelen = 0;
+	rp->kind = 0;
 
 	for (int c = 0; c < part->ncols; c++)
 	{
-		size_t		len;
+		size_t		namelen;
 
 		nulls[c] = *name++;
-		len = strlen(name);
-		if (json_array_append_new(cols, json_checked(json_stringn_nocheck(name, len))) != 0)
+		namelen = strlen(name);
+		if (cols == NULL ||
+			json_array_append_new(cols, json_checked(json_stringn_nocheck(name, namelen))) != 0)
 		{
 			json_decref(cols);
+			json_decref(obj);
 			record_oom();
 		}
-		name += len + 1;
+		name += namelen + 1;
 	}
 	nulls[part->ncols] = '\0';
-
-	/* forget the old names first: a failure below leaves no stale match */
-	rp->namelen = 0;
-	if (json_object_set_new_nocheck(rp->obj, "c", cols) != 0 ||
-		json_object_set_new_nocheck(rp->obj, "n", json_checked(json_string_nocheck(nulls))) != 0)
+	if (cols == NULL ||
+		json_object_set_new_nocheck(obj, "c", cols) != 0 ||
+		json_object_set_new_nocheck(obj, "n", json_checked(json_string_nocheck(nulls))) != 0)
+	{
+		json_decref(obj);
 		record_oom();
+	}
 	pfree(nulls);
+
+	dump = json_dumps(obj, JSON_COMPACT);
+	json_decref(obj);
+	if (dump == NULL)
+		record_not_utf8();
+
+	/* {"k":1,"c":[..],"n":".."} becomes {"k":1,"c":[..],"n":"..","j": */
+	len = strlen(dump);
+	Assert(len > 1 && dump[len - 1] == '}');
+	if (rp->head != NULL)
+		pfree(rp->head);
+	rp->head = MemoryContextAlloc(TopMemoryContext, len + 4);
+	memcpy(rp->head, dump, len - 1);
+	memcpy(rp->head + len - 1, ",\"j\":", 5);
+	rp->headlen = len + 4;
+	free(dump);
 
 	if (rp->names != NULL)
 		pfree(rp->names);
 	rp->names = MemoryContextAlloc(TopMemoryContext, Max(part->namelen, 1));
 	memcpy(rp->names, part_names(part), part->namelen);
 	rp->namelen = part->namelen;
+	rp->kind = part->kind;
 }
 
-/* Make the template hold entry e */
-static void
-template_set(const DeferredEntry *e)
+/* The head of the i-th part of an entry, dumped again if it changed */
+static RecordPart *
+record_part(int i, const DeferredPart *part)
 {
-	const DeferredPart *part = entry_first_part(e);
+	RecordPart *rp;
 
-	if (tmpl.rec == NULL)
-		template_init();
-
-	json_integer_set(tmpl.id, (json_int_t) e->id);
-	json_integer_set(tmpl.qseq, (json_int_t) e->qseq);
-	json_integer_set(tmpl.db, (json_int_t) e->dbid);
-	json_integer_set(tmpl.role, (json_int_t) e->roleid);
-	json_integer_set(tmpl.rel, (json_int_t) e->relid);
-	json_integer_set(tmpl.op, (json_int_t) e->op);
-	json_integer_set(tmpl.xid, (json_int_t) e->xid);
-	json_integer_set(tmpl.at, (json_int_t) e->enqueued_at);
-	json_integer_set(tmpl.att, (json_int_t) e->attempts);
-
-	if (e->nparts > tmpl.maxparts)
+	if (i >= record_maxparts)
 	{
-		int			newmax = Max(e->nparts, 4);
+		int			newmax = Max(i + 1, 4);
 
-		if (tmpl.part == NULL)
-			tmpl.part = MemoryContextAllocZero(TopMemoryContext, sizeof(RecordPart) * newmax);
+		if (record_parts == NULL)
+			record_parts = MemoryContextAllocZero(TopMemoryContext, sizeof(RecordPart) * newmax);
 		else
 		{
-			tmpl.part = repalloc(tmpl.part, sizeof(RecordPart) * newmax);
-			memset(tmpl.part + tmpl.maxparts, 0, sizeof(RecordPart) * (newmax - tmpl.maxparts));
+			record_parts = repalloc(record_parts, sizeof(RecordPart) * newmax);
+			memset(record_parts + record_maxparts, 0,
+				   sizeof(RecordPart) * (newmax - record_maxparts));
 		}
-		tmpl.maxparts = newmax;
+		record_maxparts = newmax;
 	}
-
-	/* the "p" array holds the first nparts part objects */
-	if (tmpl.nparts != e->nparts)
-	{
-		json_array_clear(tmpl.parts);
-		tmpl.nparts = 0;
-	}
-
-	for (int i = 0; i < e->nparts; i++, part = part_next(part))
-	{
-		RecordPart *rp = &tmpl.part[i];
-
-		if (rp->obj == NULL)
-		{
-			json_t	   *obj = empty_object();
-
-			json_object_set_new_nocheck(obj, "k", rp->kind = json_checked(json_integer(0)));
-			json_object_set_new_nocheck(obj, "c", json_checked(json_array()));
-			json_object_set_new_nocheck(obj, "n", json_checked(json_string_nocheck("")));
-			json_object_set_new_nocheck(obj, "j", rp->text = json_checked(json_string_nocheck("")));
-			if (json_object_size(obj) != 4)
-			{
-				json_decref(obj);
-				record_oom();
-			}
-			rp->obj = obj;
-		}
-		json_integer_set(rp->kind, (json_int_t) part->kind);
-		if (rp->namelen != part->namelen || rp->namelen == 0 ||
-			memcmp(rp->names, part_names(part), part->namelen) != 0)
-			template_part_names(rp, part);
-		if (json_string_setn_nocheck(rp->text, part_text(part), part->textlen) != 0)
-			record_oom();
-	}
-
-	if (tmpl.nparts == 0)
-	{
-		for (int i = 0; i < e->nparts; i++)
-		{
-			if (json_array_append(tmpl.parts, tmpl.part[i].obj) != 0)
-			{
-				json_array_clear(tmpl.parts);
-				record_oom();
-			}
-		}
-		tmpl.nparts = e->nparts;
-	}
+	rp = &record_parts[i];
+	if (rp->kind != part->kind || rp->namelen != part->namelen || rp->namelen == 0 ||
+		memcmp(rp->names, part_names(part), part->namelen) != 0)
+		record_part_head(rp, part);
+	return rp;
 }
 
 /*
- * After a large entry, give its copies back rather than keep them for the
- * life of the backend.
+ * Append "key":value to the record being built at *off of record_buf, with
+ * a comma before it unless it is the first.  Room was reserved.
  */
 static void
-template_forget_large(void)
+record_put_int(Size *off, const char *key, int64 value)
+{
+	char	   *p = record_buf + *off;
+	char		digits[20];
+	int			ndigits = 0;
+	uint64		u;
+
+	*p++ = ',';
+	*p++ = '"';
+	while (*key)
+		*p++ = *key++;
+	*p++ = '"';
+	*p++ = ':';
+	if (value < 0)
+		*p++ = '-';
+	u = value < 0 ? -(uint64) value : (uint64) value;
+	do
+		digits[ndigits++] = '0' + u % 10;
+	while ((u /= 10) != 0);
+	while (ndigits > 0)
+		*p++ = digits[--ndigits];
+	*off = p - record_buf;
+}
+
+static void
+record_put(Size *off, const char *bytes, Size len)
+{
+	record_buf_reserve(*off + len);
+	memcpy(record_buf + *off, bytes, len);
+	*off += len;
+}
+
+/* After a large entry, give its copies back rather than keep them */
+static void
+record_forget_large(void)
 {
 	const Size	large = 1024 * 1024;
 
-	for (int i = 0; i < tmpl.nparts; i++)
-	{
-		if (json_string_length(tmpl.part[i].text) > large / 16)
-			(void) json_string_setn_nocheck(tmpl.part[i].text, "", 0);
-	}
+	if (record_text != NULL && json_string_length(record_text) > large / 16)
+		(void) json_string_setn_nocheck(record_text, "", 0);
 	if (record_buf_size > large)
 	{
 		pfree(record_buf);
@@ -679,32 +646,68 @@ template_forget_large(void)
 }
 
 /*
- * Dump entry e as a framed record at offset off of record_buf, growing it
+ * Write entry e as a framed record at offset off of record_buf, growing it
  * as needed.  Returns the record's size.
  */
 static Size
 record_append(const DeferredEntry *e, Size off)
 {
-	Size		room;
-	size_t		len;
+	const DeferredPart *part = entry_first_part(e);
+	Size		start = off + WAL_RECORD_HEADER;
+	Size		pos = start;
+	Size		len;
 
-	template_set(e);
+	if (record_text == NULL)
+		record_text = json_checked(json_string_nocheck(""));
 
-	/* most records fit at the first try: escaping rarely doubles the text */
-	record_buf_reserve(off + WAL_RECORD_HEADER + 2 * (Size) e->size + 256);
-	room = record_buf_size - off - WAL_RECORD_HEADER;
-	len = json_dumpb(tmpl.rec, record_buf + off + WAL_RECORD_HEADER, room, JSON_COMPACT);
-	if (len > room)
+	/* the fixed keys: nine numbers of at most 20 bytes, with their names */
+	record_buf_reserve(pos + 320);
+	memcpy(record_buf + pos, "{\"t\":\"e\"", 8);
+	pos += 8;
+	record_put_int(&pos, "id", e->id);
+	record_put_int(&pos, "q", (int64) e->qseq);
+	record_put_int(&pos, "db", e->dbid);
+	record_put_int(&pos, "role", e->roleid);
+	record_put_int(&pos, "rel", e->relid);
+	record_put_int(&pos, "op", e->op);
+	record_put_int(&pos, "xid", e->xid);
+	record_put_int(&pos, "at", e->enqueued_at);
+	record_put_int(&pos, "att", e->attempts);
+	record_put(&pos, ",\"p\":[", 6);
+
+	for (int i = 0; i < e->nparts; i++, part = part_next(part))
 	{
-		record_buf_reserve(off + wal_record_size(len));
-		room = record_buf_size - off - WAL_RECORD_HEADER;
-		len = json_dumpb(tmpl.rec, record_buf + off + WAL_RECORD_HEADER, room, JSON_COMPACT);
+		RecordPart *rp = record_part(i, part);
+		size_t		n;
+
+		if (i > 0)
+			record_put(&pos, ",", 1);
+		record_put(&pos, rp->head, rp->headlen);
+
+		/* the text, escaped by jansson: most fit at the first try */
+		if (json_string_setn_nocheck(record_text, part_text(part), part->textlen) != 0)
+			record_oom();
+		record_buf_reserve(pos + 2 * (Size) part->textlen + 16);
+		n = json_dumpb(record_text, record_buf + pos, record_buf_size - pos,
+					   JSON_COMPACT | JSON_ENCODE_ANY);
+		if (n > record_buf_size - pos)
+		{
+			record_buf_reserve(pos + n);
+			n = json_dumpb(record_text, record_buf + pos, record_buf_size - pos,
+						   JSON_COMPACT | JSON_ENCODE_ANY);
+		}
+		if (n == 0 || n > record_buf_size - pos)
+			record_not_utf8();
+		pos += n;
+		record_put(&pos, "}", 1);
 	}
-	if (len == 0 || len > room || len > PG_UINT32_MAX - 64)
+	record_put(&pos, "]}", 2);
+
+	len = pos - start;
+	if (len > PG_UINT32_MAX - 64)
 		ereport(ERROR,
-				(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
-				 errmsg("could not write an athena_deferred WAL record"),
-				 errdetail("Names and values must be valid UTF-8.")));
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("deferred entry too large for a WAL record")));
 
 	/* room for the padding, which the seal zeroes */
 	record_buf_reserve(off + wal_record_size(len));
@@ -734,7 +737,7 @@ wal_append(DeferredEntry **entries, int nentries)
 	}
 	append_first_qseq = entries[0]->qseq;
 	end = wal_write(record_buf, len, max_qseq, ERROR, &append_in_log);
-	template_forget_large();
+	record_forget_large();
 	return end;
 }
 
