@@ -66,6 +66,8 @@ KEEP=${BENCH_KEEP:-0}
 ONLY=${BENCH_ONLY:-idle,always,worker,scaling,flush,shmem}
 FLUSH_TIMEOUT_MS=1800000
 PAYLOAD_TEXT='the quick brown fox jumps over'   # as in bench/pgbench/*.sql
+# the row deferred_insert.sql sends as its bound parameter
+ROW_JSON="{\"id\": 123456789, \"payload\": \"$PAYLOAD_TEXT\"}"
 
 for v in SECONDS_PER_RUN ROUNDS CLIENTS JOBS FLUSH_ROWS PORT; do
     if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
@@ -248,7 +250,7 @@ pgbench_run() {
     mkdir -p "$DIR/logs/$key"
     out="$DIR/out/$key.$n.out"
     env "$@" pgbench -n -M prepared -c "$clients" -j "$jobs" -T "$SECONDS_PER_RUN" \
-        -f "$BENCH_SRC/pgbench/$script" -l --log-prefix="$DIR/logs/$key/r$n" \
+        -D row="$ROW_JSON" -f "$BENCH_SRC/pgbench/$script" -l --log-prefix="$DIR/logs/$key/r$n" \
         "${PGCONN[@]}" postgres >"$out" 2>&1 || rc=$?
     tps=$(awk '/^tps = /{print $3; exit}' "$out")
     if [ "$rc" -ne 0 ] || [ -z "$tps" ]; then
@@ -283,15 +285,20 @@ run_select1() { # KEY CLIENTS
     pgbench_run "$1" select1.sql "$2"
 }
 
+run_select1_script() { # KEY CLIENTS SCRIPT: a run without athena_deferred
+    reset_state
+    pgbench_run "$1" "$3" "$2"
+}
+
 run_insert() { # KEY CLIENTS SYNCHRONOUS_COMMIT
     reset_state
     pgbench_run "$1" insert.sql "$2" PGOPTIONS="-c synchronous_commit=$3"
 }
 
-run_deferred_idle() { # KEY CLIENTS WAL_SYNC
+run_deferred_idle() { # KEY CLIENTS WAL_SYNC [SCRIPT]
     worker_idle "$3"
     reset_state
-    pgbench_run "$1" deferred_insert.sql "$2"
+    pgbench_run "$1" "${4:-deferred_insert.sql}" "$2"
     check_queue "$1"
 }
 
@@ -395,6 +402,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 T_START=$(date +%s)
 n_pairs=0
 for row in idle always worker; do if runs "$row"; then n_pairs=$((n_pairs + 1)); fi; done
+if runs idle; then n_pairs=$((n_pairs + 1)); fi     # the row built in SQL
 if runs scaling; then
     for c in $SCALING; do
         if [ "$c" != "$CLIENTS" ] || ! runs idle; then n_pairs=$((n_pairs + 1)); fi
@@ -407,6 +415,9 @@ for r in $(seq 1 "$ROUNDS"); do
     if runs idle; then
         log "deferred_insert (wal_sync = batch, worker idle) vs SELECT 1, $CLIENTS clients"
         pair "run_deferred_idle d_batch_c$CLIENTS $CLIENTS batch" "run_select1 select1_c$CLIENTS $CLIENTS" "$r"
+        log "for comparison: the row built in SQL, with and without deferred_insert"
+        run_deferred_idle "d_built_c$CLIENTS" "$CLIENTS" batch deferred_insert_built.sql
+        run_select1_script "built_c$CLIENTS" "$CLIENTS" jsonb_build_object.sql
     fi
     if runs always; then
         log "deferred_insert (wal_sync = always, worker idle) vs INSERT, synchronous_commit = on"
@@ -599,6 +610,14 @@ report() {
     echo
     echo "## Details"
     echo
+    if runs idle; then
+    local tb ts tj
+    tb=$(tps_of "d_built_c$C"); ts=$(tps_of "select1_c$C"); tj=$(tps_of "built_c$C")
+    echo "- The call form: \`deferred_insert.sql\` sends the row's JSON as one bound parameter, as an"
+    echo "  application does. Built in SQL instead (\`jsonb_build_object('id', :id, 'payload', ...)\`,"
+    echo "  \`deferred_insert_built.sql\`): $tb tps = $(ratio "$tb" "$ts")x \`SELECT 1\`; the same"
+    echo "  \`jsonb_build_object\` without deferred_insert: $tj tps = $(ratio "$tj" "$ts")x \`SELECT 1\`."
+    fi
     if runs worker; then
     echo "- Backlog with the worker flushing (batch_window_ms = 100, batch_max_size = 0):"
     echo "  \`pending\` sampled every second (${BACKLOG[samples]:-0} samples): at most ${BACKLOG[max]:-?},"

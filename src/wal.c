@@ -783,7 +783,9 @@ wal_flush(uint64 upto)
 			for (uint64 segno = from / segsize; segno <= (target - 1) / segsize; segno++)
 			{
 				char	   *path = wal_segment_path(segno);
-				int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+				/* mostly the segment this backend has just written to */
+				bool		own = (wal_fd >= 0 && wal_fd_segno == segno);
+				int			fd = own ? wal_fd : BasicOpenFile(path, O_RDWR | PG_BINARY);
 
 				/* a segment removed meanwhile no longer matters */
 				if (fd < 0 && errno == ENOENT)
@@ -797,14 +799,16 @@ wal_flush(uint64 upto)
 				{
 					int			save_errno = errno;
 
-					close(fd);
+					if (!own)
+						close(fd);
 					errno = save_errno;
 					ereport(data_sync_elevel(ERROR),
 							(errcode_for_file_access(),
 							 errmsg("could not fsync athena_deferred WAL file \"%s\": %m", path)));
 				}
 				pgstat_report_wait_end();
-				close(fd);
+				if (!own)
+					close(fd);
 				pfree(path);
 			}
 			pg_atomic_write_u64(&q->wal_flushed_pos, target);
