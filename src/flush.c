@@ -1051,10 +1051,15 @@ keys_skip_string(const char *p, const char *end)
 {
 	for (p++; p < end; p++)
 	{
-		if (*p == '"')
-			return p + 1;
-		if (*p == '\\')
-			p++;
+		const char *quote = memchr(p, '"', end - p);
+		const char *escape;
+
+		if (quote == NULL)
+			return NULL;
+		escape = memchr(p, '\\', quote - p);
+		if (escape == NULL)
+			return quote + 1;
+		p = escape + 1;			/* the escaped character is skipped */
 	}
 	return NULL;
 }
