@@ -553,6 +553,18 @@ in_entry(Input *in)
 	for (int i = 0; i < 7; i++)
 		v[i] = in_uint(in, 4);
 	att = in_byte(in) % 4;
+	/* records written after version 0.3.0 have no "c" and "n": half are such */
+	if (att % 2 == 1)
+	{
+		size_t		i;
+		json_t	   *part;
+
+		json_array_foreach(parts, i, part)
+		{
+			json_object_del(part, "c");
+			json_object_del(part, "n");
+		}
+	}
 	return json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:i, s:I, s:I, s:I, s:o}",
 					 "t", "e",
 					 "id", (json_int_t) v[0],

@@ -109,32 +109,47 @@ typedef struct ErrorSlot
 
 /*
  * Header of one entry, as it lies in the ring and in a backend's staging
- * list.  The body follows: nparts parts, each a DeferredPart, its column
- * names (each a null flag byte and a NUL-terminated name) and its JSON text
- * (not NUL-terminated).  The ring is a byte stream: an entry may wrap
- * around its end, so it is read and written only through queue.c.
+ * list.  The body follows: nparts parts, each a DeferredPart and its JSON
+ * text (not NUL-terminated), padded to MAXALIGN, so that every part and
+ * every entry starts MAXALIGNed (the ring's size is a multiple of it).  The
+ * text is JsonbToCString() output of validated objects, so its keys are
+ * exactly the columns the part names (see flush.c: part_keys); they are
+ * not stored apart.  The ring is a byte stream: an entry may wrap around
+ * its end, so it is read and written only through queue.c.
+ *
+ * The queuing transaction's xid is not here: only its WAL record needs it
+ * (wal_append), and recovery keeps it beside the entries it rebuilds.
  */
 typedef struct DeferredEntry
 {
-	uint32		size;			/* header + body, in bytes */
+	uint32		size;			/* header + body, in bytes, MAXALIGNed */
 	uint8		state;			/* DeferredState */
 	uint8		op;				/* DeferredOp */
 	uint16		nparts;
-	uint32		attempts;		/* failed flush attempts so far */
+	uint16		attempts;		/* failed flush attempts so far, saturating
+								 * at ENTRY_MAX_ATTEMPTS */
+	uint16		unused;			/* zero */
 	Oid			dbid;
 	Oid			roleid;
 	Oid			relid;
-	TransactionId xid;			/* queuing transaction, if it had one */
 	int64		id;				/* user-visible entry id */
 	uint64		qseq;			/* position in commit order, set at
 								 * pre-commit */
 	TimestampTz enqueued_at;
 } DeferredEntry;
 
+/*
+ * attempts never goes beyond this.  athena_deferred.max_flush_attempts is
+ * at most 1000; only an entry whose dead-lettering keeps failing is tried
+ * more often than that, and its count stops here.
+ */
+#define ENTRY_MAX_ATTEMPTS	PG_UINT16_MAX
+
 /* Kinds of part */
 typedef enum DeferredPartKind
 {
-	PART_ROWS = 1,				/* insert: JSON array of rows with these keys */
+	PART_ROWS = 1,				/* insert: JSON array of rows, all with the
+								 * same keys */
 	PART_MATCH = 2,				/* update/delete: JSON object of conditions */
 	PART_CHANGES = 3			/* update: JSON object of new values */
 } DeferredPartKind;
@@ -142,11 +157,14 @@ typedef enum DeferredPartKind
 typedef struct DeferredPart
 {
 	uint16		kind;			/* DeferredPartKind */
-	uint16		ncols;
-	uint32		namelen;		/* bytes of the column name list, padded to
-								 * a multiple of 4 */
+	uint16		unused;			/* zero */
 	uint32		textlen;		/* bytes of the JSON text */
 } DeferredPart;
+
+StaticAssertDecl(sizeof(DeferredEntry) == 48 && sizeof(DeferredEntry) == MAXALIGN(sizeof(DeferredEntry)),
+				 "the entry header is 48 bytes and keeps what follows it MAXALIGNed");
+StaticAssertDecl(sizeof(DeferredPart) == 8 && sizeof(DeferredPart) == MAXALIGN(sizeof(DeferredPart)),
+				 "the part header is 8 bytes and keeps its text MAXALIGNed");
 
 /*
  * Databases that have entries in the queue, or a worker, at most this many
@@ -235,7 +253,8 @@ typedef struct DeferredShared
 	ConditionVariable space_cv; /* broadcast when ring space is released */
 	ConditionVariable settled_cv;	/* broadcast after each flush */
 
-	char		ring[FLEXIBLE_ARRAY_MEMBER];
+	/* MAXALIGNed, as are entries' sizes: entries start MAXALIGNed */
+	char		ring[FLEXIBLE_ARRAY_MEMBER] pg_attribute_aligned(MAXIMUM_ALIGNOF);
 } DeferredShared;
 
 /* Settings (athena_deferred.c) */
@@ -289,7 +308,8 @@ extern DeferredDatabase *queue_database_slot(Oid dbid, bool create);
 extern int64 queue_discard_database(Oid dbid);
 
 /* wal.c */
-extern uint64 wal_append(DeferredEntry **entries, int nentries);
+extern uint64 wal_append(DeferredEntry **entries, int nentries,
+						 TransactionId xid);
 extern void wal_flush(uint64 upto);
 extern void wal_flush_written(void);
 extern void wal_append_abort(DeferredEntry **entries, int nentries);
@@ -358,7 +378,11 @@ extern PGDLLEXPORT void deferred_launcher_main(Datum main_arg);
 extern bool worker_start(Oid dbid, BackgroundWorkerHandle **handle);
 extern PGDLLEXPORT void deferred_worker_main(Datum main_arg);
 
-/* The columns of one JSON object: names, and whether each value is null */
+/*
+ * The columns of one JSON object: names, and whether each value is null
+ * (enqueue.c reads them from the call's arguments, flush.c from an
+ * entry's text)
+ */
 typedef struct KeyList
 {
 	int			nkeys;
@@ -370,7 +394,7 @@ typedef struct KeyList
 extern void entry_begin(StringInfo buf);
 extern void entry_reset(StringInfo buf);
 extern void entry_add_part(StringInfo buf, DeferredPartKind kind,
-						   const KeyList *keys, const char *text, int textlen);
+						   const char *text, int textlen);
 extern char *entry_payload_json(const DeferredEntry *entry);
 
 /* athena_deferred.c: helpers shared by enqueue.c and flush.c */
@@ -381,25 +405,19 @@ extern void deferred_fault(const char *point);
 static inline const DeferredPart *
 entry_first_part(const DeferredEntry *entry)
 {
-	return (const DeferredPart *) ((const char *) entry + MAXALIGN(sizeof(DeferredEntry)));
-}
-
-static inline const char *
-part_names(const DeferredPart *part)
-{
-	return (const char *) part + sizeof(DeferredPart);
+	return (const DeferredPart *) ((const char *) entry + sizeof(DeferredEntry));
 }
 
 static inline const char *
 part_text(const DeferredPart *part)
 {
-	return part_names(part) + part->namelen;
+	return (const char *) part + sizeof(DeferredPart);
 }
 
 static inline const DeferredPart *
 part_next(const DeferredPart *part)
 {
-	return (const DeferredPart *) (part_text(part) + INTALIGN(part->textlen));
+	return (const DeferredPart *) (part_text(part) + MAXALIGN(part->textlen));
 }
 
 #endif							/* ATHENA_DEFERRED_H */

@@ -711,7 +711,7 @@ deferred_insert(PG_FUNCTION_ARGS)
 								   PG_UINT16_MAX - 1),
 						 errhint("Sort the rows by the columns they name, or split them into several calls.")));
 			appendStringInfoChar(text, ']');
-			entry_add_part(call_entry, PART_ROWS, &group.list, text->data, text->len);
+			entry_add_part(call_entry, PART_ROWS, text->data, text->len);
 			nparts++;
 			resetStringInfo(text);
 		}
@@ -727,7 +727,7 @@ deferred_insert(PG_FUNCTION_ARGS)
 		nrows++;
 	}
 	appendStringInfoChar(text, ']');
-	entry_add_part(call_entry, PART_ROWS, &group.list, text->data, text->len);
+	entry_add_part(call_entry, PART_ROWS, text->data, text->len);
 	nparts++;
 
 	return entry_finish(fcinfo, desc, DEFERRED_INSERT, nparts);
@@ -745,7 +745,7 @@ add_object_part(const TargetDesc *desc, Jsonb *arg, const char *argname,
 	check_privilege(desc, mode, &keys);
 	resetStringInfo(call_text);
 	(void) JsonbToCString(call_text, obj, VARSIZE(arg));
-	entry_add_part(call_entry, kind, &keys.list, call_text->data, call_text->len);
+	entry_add_part(call_entry, kind, call_text->data, call_text->len);
 }
 
 /* deferred_update(target regclass, match jsonb, changes jsonb) RETURNS bigint */
@@ -907,11 +907,7 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 				staged_entries = MemoryContextAlloc(TopTransactionContext, sizeof(DeferredEntry *) * n);
 				staged_positions = MemoryContextAlloc(TopTransactionContext, sizeof(uint64) * n);
 				foreach(lc, staged)
-				{
-					staged_entries[i] = ((StagedEntry *) lfirst(lc))->entry;
-					staged_entries[i]->xid = xid;
-					i++;
-				}
+					staged_entries[i++] = ((StagedEntry *) lfirst(lc))->entry;
 				queue_reserve(staged_entries, staged_positions, n);
 				staged_npositions = n;
 
@@ -931,7 +927,7 @@ enqueue_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 				 */
 				deferred_fault("before_wal_write");
 				staged_logged = deferred_wal_enabled;
-				wal_end = wal_append(staged_entries, n);
+				wal_end = wal_append(staged_entries, n, xid);
 				if (wal_end != 0 && deferred_wal_sync == WAL_SYNC_ALWAYS)
 					wal_flush(wal_end);
 				deferred_fault("after_wal_write");

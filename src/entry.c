@@ -31,7 +31,7 @@ void
 entry_begin(StringInfo buf)
 {
 	initStringInfo(buf);
-	append_room(buf, MAXALIGN(sizeof(DeferredEntry)));
+	append_room(buf, sizeof(DeferredEntry));
 }
 
 /* The same in a buffer used before, keeping its memory */
@@ -39,42 +39,27 @@ void
 entry_reset(StringInfo buf)
 {
 	resetStringInfo(buf);
-	append_room(buf, MAXALIGN(sizeof(DeferredEntry)));
+	append_room(buf, sizeof(DeferredEntry));
 }
 
-static void
-append_padding(StringInfo buf)
-{
-	while (buf->len % sizeof(uint32) != 0)
-		appendStringInfoChar(buf, '\0');
-}
-
-/* Append one part: its column names, then its JSON text */
+/*
+ * Append one part: its header and its JSON text, zero-padded to MAXALIGN,
+ * so that the entry's size (buf->len) is always MAXALIGNed.  The text's
+ * keys are the part's columns: it must be JsonbToCString() output of the
+ * validated objects (for PART_ROWS, a JSON array of objects with the same
+ * keys).
+ */
 void
-entry_add_part(StringInfo buf, DeferredPartKind kind, const KeyList *keys,
-			   const char *text, int textlen)
+entry_add_part(StringInfo buf, DeferredPartKind kind, const char *text, int textlen)
 {
 	DeferredPart part;
-	int			parthdr = buf->len;
-	int			names_start;
-
-	append_room(buf, sizeof(DeferredPart));
-	names_start = buf->len;
-	for (int i = 0; i < keys->nkeys; i++)
-	{
-		appendStringInfoChar(buf, keys->isnull[i] ? 'n' : 'v');
-		appendBinaryStringInfo(buf, keys->names[i], strlen(keys->names[i]) + 1);
-	}
-	append_padding(buf);
 
 	part.kind = kind;
-	part.ncols = keys->nkeys;
-	part.namelen = buf->len - names_start;
+	part.unused = 0;
 	part.textlen = textlen;
-	memcpy(buf->data + parthdr, &part, sizeof(part));
-
+	appendBinaryStringInfo(buf, (const char *) &part, sizeof(part));
 	appendBinaryStringInfo(buf, text, textlen);
-	append_padding(buf);
+	append_room(buf, MAXALIGN(buf->len) - buf->len);
 }
 
 /* The payload as a user would pass it: {"rows": [...]} or {"match": .., "changes": ..} */

@@ -88,40 +88,49 @@ static MemoryContext flush_context = NULL;
 /* applied_upto as this worker last recorded or read it */
 uint64		flush_progress_upto = 0;
 
-/* Append "col1, col2" or "p.col1, p.col2" for the part's columns */
-static void
-append_columns(StringInfo sql, const DeferredPart *part, const char *prefix)
+/*
+ * The keys of a part's first object, as read from its text (see part_keys):
+ * pointers into the text, or de-escaped copies; not NUL-terminated
+ */
+typedef struct PartKeys
 {
-	const char *name = part_names(part);
+	int			nkeys;
+	int			maxkeys;
+	const char **name;
+	int		   *len;
+	bool	   *isnull;
+	MemoryContext cxt;			/* where the arrays are */
+	MemoryContext lexcxt;		/* the lexer's, and de-escaped keys; reset
+								 * at each read */
+} PartKeys;
 
-	for (int i = 0; i < part->ncols; i++)
-	{
-		name++;					/* null flag */
+static bool part_keys(const DeferredPart *part, PartKeys *keys);
+static void part_columns(const DeferredPart *part, KeyList *cols);
+
+/* Append "col1, col2" or "p.col1, p.col2" for the columns */
+static void
+append_columns(StringInfo sql, const KeyList *cols, const char *prefix)
+{
+	for (int i = 0; i < cols->nkeys; i++)
 		appendStringInfo(sql, "%s%s%s", i > 0 ? ", " : "", prefix,
-						 quote_identifier(name));
-		name += strlen(name) + 1;
-	}
+						 quote_identifier(cols->names[i]));
 }
 
 /* Append the WHERE conditions of a match part: = for values, IS NULL for nulls */
 static void
-append_conditions(StringInfo sql, const DeferredPart *part)
+append_conditions(StringInfo sql, const KeyList *match)
 {
-	const char *name = part_names(part);
-
 	appendStringInfoString(sql, " WHERE ");
-	for (int i = 0; i < part->ncols; i++)
+	for (int i = 0; i < match->nkeys; i++)
 	{
-		bool		isnull = (*name++ == 'n');
-		const char *col = quote_identifier(name);
+		const char *col = quote_identifier(match->names[i]);
 
 		if (i > 0)
 			appendStringInfoString(sql, " AND ");
-		if (isnull)
+		if (match->isnull[i])
 			appendStringInfo(sql, "__t.%s IS NULL", col);
 		else
 			appendStringInfo(sql, "__t.%s = __m.%s", col, col);
-		name += strlen(name) + 1;
 	}
 }
 
@@ -238,17 +247,17 @@ run_statement(Oid relid, const char *sql, int nargs, Datum *args, int expected)
 	return (int64) SPI_processed;
 }
 
-/* Insert the rows of a JSON array, with the columns a part names */
+/* Insert the rows of a JSON array, which name the columns cols */
 static int64
-run_insert(Oid relid, const char *relname, const DeferredPart *part, Datum json)
+run_insert(Oid relid, const char *relname, const KeyList *cols, Datum json)
 {
 	StringInfoData sql;
 
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "INSERT INTO %s (", relname);
-	append_columns(&sql, part, "");
+	append_columns(&sql, cols, "");
 	appendStringInfoString(&sql, ") SELECT ");
-	append_columns(&sql, part, "");
+	append_columns(&sql, cols, "");
 	appendStringInfo(&sql, " FROM pg_catalog.json_populate_recordset(NULL::%s, $1)", relname);
 	return run_statement(relid, sql.data, 1, &json, SPI_OK_INSERT);
 }
@@ -264,6 +273,7 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 	const DeferredPart *part = entry_first_part(entry);
 	StringInfoData sql;
 	Datum		args[2];
+	KeyList		cols;
 
 	initStringInfo(&sql);
 	*rows = 0;
@@ -273,29 +283,30 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 		case DEFERRED_INSERT:
 			/* one statement per run of rows with the same keys */
 			for (int i = 0; i < entry->nparts; i++, part = part_next(part))
-				*rows += run_insert(entry->relid, relname, part, part_json(part));
+			{
+				part_columns(part, &cols);
+				*rows += run_insert(entry->relid, relname, &cols, part_json(part));
+			}
 			break;
 
 		case DEFERRED_UPDATE:
 			{
 				const DeferredPart *changes = part_next(part);
-				const char *name = part_names(changes);
 
+				part_columns(changes, &cols);
 				appendStringInfo(&sql, "UPDATE %s AS __t SET ", relname);
-				for (int i = 0; i < changes->ncols; i++)
+				for (int i = 0; i < cols.nkeys; i++)
 				{
-					const char *col;
+					const char *col = quote_identifier(cols.names[i]);
 
-					name++;
-					col = quote_identifier(name);
 					appendStringInfo(&sql, "%s%s = __s.%s", i > 0 ? ", " : "", col, col);
-					name += strlen(name) + 1;
 				}
 				appendStringInfo(&sql,
 								 " FROM pg_catalog.json_populate_record(NULL::%s, $1) AS __m,"
 								 " pg_catalog.json_populate_record(NULL::%s, $2) AS __s",
 								 relname, relname);
-				append_conditions(&sql, part);
+				part_columns(part, &cols);
+				append_conditions(&sql, &cols);
 				args[0] = part_json(part);
 				args[1] = part_json(changes);
 				*rows = run_statement(entry->relid, sql.data, 2, args, SPI_OK_UPDATE);
@@ -306,7 +317,8 @@ flush_apply_entry(const DeferredEntry *entry, const char *relname, int64 *rows)
 			appendStringInfo(&sql,
 							 "DELETE FROM %s AS __t USING pg_catalog.json_populate_record(NULL::%s, $1) AS __m",
 							 relname, relname);
-			append_conditions(&sql, part);
+			part_columns(part, &cols);
+			append_conditions(&sql, &cols);
 			args[0] = part_json(part);
 			*rows = run_statement(entry->relid, sql.data, 1, args, SPI_OK_DELETE);
 			break;
@@ -437,42 +449,43 @@ dead_letter_in_subxact(const char *schema, const DeferredEntry *entry, ErrorData
 	return edata == NULL;
 }
 
-/* Do two parts name the same columns, in the same order? */
+/* Do two parts' keys name the same columns, in the same order? */
 static bool
-same_columns(const DeferredPart *a, const DeferredPart *b)
+same_keys(const PartKeys *a, const PartKeys *b)
 {
-	const char *na = part_names(a);
-	const char *nb = part_names(b);
-
-	if (a->ncols != b->ncols || a->namelen != b->namelen)
+	if (a->nkeys != b->nkeys)
 		return false;
-	if (memcmp(na, nb, a->namelen) == 0)
-		return true;
-	for (int i = 0; i < a->ncols; i++)
-	{
-		/* skip the null flags: they describe the first row only */
-		na++;
-		nb++;
-		if (strcmp(na, nb) != 0)
+	for (int i = 0; i < a->nkeys; i++)
+		if (a->len[i] != b->len[i] || memcmp(a->name[i], b->name[i], a->len[i]) != 0)
 			return false;
-		na += strlen(na) + 1;
-		nb += strlen(nb) + 1;
-	}
 	return true;
 }
 
 /*
- * Can entry b join a batch started by entry a?  Inserts into the same table
- * by the same role, each one run of rows with the same columns, are applied
- * together.
+ * Can entry a start a batch of inserts?  If so, its keys are read into
+ * akeys.  Inserts of one run of rows each can; an entry whose text cannot
+ * be read goes alone, so that its error is the statement's (and fails
+ * only it, in its subtransaction).
  */
 static bool
-batchable(const DeferredEntry *a, const DeferredEntry *b)
+batch_head(const DeferredEntry *a, PartKeys *akeys)
 {
-	return a->op == DEFERRED_INSERT && b->op == DEFERRED_INSERT &&
-		a->nparts == 1 && b->nparts == 1 &&
+	return a->op == DEFERRED_INSERT && a->nparts == 1 &&
+		part_keys(entry_first_part(a), akeys);
+}
+
+/*
+ * Can entry b join a batch started by entry a, whose keys are akeys?
+ * Inserts into the same table by the same role, each one run of rows with
+ * the same columns, are applied together.  bkeys is scratch space.
+ */
+static bool
+batchable(const DeferredEntry *a, const PartKeys *akeys, const DeferredEntry *b,
+		  PartKeys *bkeys)
+{
+	return b->op == DEFERRED_INSERT && b->nparts == 1 &&
 		a->relid == b->relid && a->roleid == b->roleid &&
-		same_columns(entry_first_part(a), entry_first_part(b));
+		part_keys(entry_first_part(b), bkeys) && same_keys(akeys, bkeys);
 }
 
 /* Insert a batch with INSERT ... SELECT FROM json_populate_recordset() */
@@ -480,6 +493,7 @@ static int64
 insert_by_statement(DeferredEntry **batch, int count, const char *relname)
 {
 	StringInfoData rows;
+	KeyList		cols;
 
 	/* join the entries' arrays of rows into one */
 	initStringInfo(&rows);
@@ -493,7 +507,8 @@ insert_by_statement(DeferredEntry **batch, int count, const char *relname)
 		appendBinaryStringInfo(&rows, part_text(part) + 1, part->textlen - 2);
 	}
 	appendStringInfoChar(&rows, ']');
-	return run_insert(batch[0]->relid, relname, entry_first_part(batch[0]),
+	part_columns(entry_first_part(batch[0]), &cols);
+	return run_insert(batch[0]->relid, relname, &cols,
 					  PointerGetDatum(cstring_to_text_with_len(rows.data, rows.len)));
 }
 
@@ -985,6 +1000,285 @@ feed_entry(CopyFeed *f, const DeferredEntry *entry)
 }
 
 /*
+ * The columns of a part: the keys of its first object (of its first row,
+ * for PART_ROWS: all rows of a part have the same keys, see
+ * deferred_insert), with whether each value is null (which the conditions
+ * of a match part need).  The text is JsonbToCString() output of objects
+ * whose keys were checked to be columns, so the keys are the column names
+ * exactly, each once, in the same order in every row with the same
+ * columns.  Only what tells keys from values is read here, once per part,
+ * with the plain scanner's helpers: values are skipped, not checked (the
+ * statement or the COPY feed reads them).  A key holding a backslash (a
+ * column name with a quote, a backslash or a control character) is read
+ * with PostgreSQL's JSON lexer instead, which de-escapes it.  Reading never
+ * fails with an error: batches are formed outside any subtransaction.
+ */
+typedef enum KeysResult
+{
+	KEYS_OK,
+	KEYS_ESCAPED,				/* a key holds a backslash: use the lexer */
+	KEYS_MALFORMED
+} KeysResult;
+
+static void
+keys_add(PartKeys *keys, const char *name, int len, bool isnull)
+{
+	if (keys->nkeys == keys->maxkeys)
+	{
+		keys->maxkeys = Max(keys->maxkeys * 2, 8);
+		if (keys->name == NULL)
+		{
+			keys->name = MemoryContextAlloc(keys->cxt, sizeof(char *) * keys->maxkeys);
+			keys->len = MemoryContextAlloc(keys->cxt, sizeof(int) * keys->maxkeys);
+			keys->isnull = MemoryContextAlloc(keys->cxt, sizeof(bool) * keys->maxkeys);
+		}
+		else
+		{
+			keys->name = repalloc(keys->name, sizeof(char *) * keys->maxkeys);
+			keys->len = repalloc(keys->len, sizeof(int) * keys->maxkeys);
+			keys->isnull = repalloc(keys->isnull, sizeof(bool) * keys->maxkeys);
+		}
+	}
+	keys->name[keys->nkeys] = name;
+	keys->len[keys->nkeys] = len;
+	keys->isnull[keys->nkeys] = isnull;
+	keys->nkeys++;
+}
+
+/* p at a string's opening quote: what follows the string, or NULL */
+static inline const char *
+keys_skip_string(const char *p, const char *end)
+{
+	for (p++; p < end; p++)
+	{
+		const char *quote = memchr(p, '"', end - p);
+		const char *escape;
+
+		if (quote == NULL)
+			return NULL;
+		escape = memchr(p, '\\', quote - p);
+		if (escape == NULL)
+			return quote + 1;
+		p = escape + 1;			/* the escaped character is skipped */
+	}
+	return NULL;
+}
+
+/* p at a value: what follows it (p itself if there is none), or NULL */
+static const char *
+keys_skip_value(const char *p, const char *end)
+{
+	int			depth = 0;
+
+	while (p < end)
+	{
+		switch (*p)
+		{
+			case '"':
+				p = keys_skip_string(p, end);
+				if (p == NULL || depth == 0)
+					return p;
+				continue;
+			case '{':
+			case '[':
+				depth++;
+				break;
+			case '}':
+			case ']':
+				if (depth == 0)
+					return p;	/* after a number or a literal */
+				if (--depth == 0)
+					return p + 1;
+				break;
+			case ',':
+			case ' ':
+			case '\t':
+			case '\n':
+			case '\r':
+				if (depth == 0)
+					return p;
+				break;
+		}
+		p++;
+	}
+	return depth == 0 ? p : NULL;
+}
+
+static KeysResult
+keys_plain(const char *p, const char *end, bool rows, PartKeys *keys)
+{
+	p = plain_skip_space(p, end);
+	if (rows)
+	{
+		if (p >= end || *p != '[')
+			return KEYS_MALFORMED;
+		p = plain_skip_space(p + 1, end);
+	}
+	if (p >= end || *p != '{')
+		return KEYS_MALFORMED;
+	p = plain_skip_space(p + 1, end);
+	for (;;)
+	{
+		const char *name;
+		int			len;
+		const char *value;
+
+		if (p >= end || *p != '"')
+			return KEYS_MALFORMED;
+		for (name = ++p; p < end && *p != '"'; p++)
+		{
+			if (*p == '\\')
+				return KEYS_ESCAPED;
+		}
+		if (p >= end || p == name)
+			return KEYS_MALFORMED;
+		len = p - name;
+		value = plain_skip_space(p + 1, end);
+		if (value >= end || *value != ':')
+			return KEYS_MALFORMED;
+		value = plain_skip_space(value + 1, end);
+		p = keys_skip_value(value, end);
+		if (p == NULL || p == value)
+			return KEYS_MALFORMED;
+		keys_add(keys, name, len, p - value == 4 && memcmp(value, "null", 4) == 0);
+		p = plain_skip_space(p, end);
+		if (p < end && *p == '}')
+			return KEYS_OK;
+		if (p >= end || *p != ',')
+			return KEYS_MALFORMED;
+		p = plain_skip_space(p + 1, end);
+	}
+}
+
+/*
+ * The same with PostgreSQL's JSON lexer, which de-escapes the keys.  What
+ * it allocates goes to keys->lexcxt, reset at each read: a flush may read
+ * a million entries' keys.
+ */
+static bool
+keys_lexer_read(const char *text, int textlen, bool rows, PartKeys *keys)
+{
+	JsonLexContext *lex;
+
+	/* the lexer only reads its input */
+	lex = makeJsonLexContextCstringLen(unconstify(char *, text), textlen,
+									   GetDatabaseEncoding(), true);
+	if (json_lex(lex) != JSON_SUCCESS)
+		return false;
+	if (rows)
+	{
+		if (lex->token_type != JSON_TOKEN_ARRAY_START || json_lex(lex) != JSON_SUCCESS)
+			return false;
+	}
+	if (lex->token_type != JSON_TOKEN_OBJECT_START || json_lex(lex) != JSON_SUCCESS)
+		return false;
+	for (int key = 0; lex->token_type != JSON_TOKEN_OBJECT_END; key++)
+	{
+		char	   *name;
+		int			len;
+		bool		isnull;
+
+		if (key > 0 &&
+			(lex->token_type != JSON_TOKEN_COMMA || json_lex(lex) != JSON_SUCCESS))
+			return false;
+		if (lex->token_type != JSON_TOKEN_STRING || lex->strval->len == 0)
+			return false;
+		name = pnstrdup(lex->strval->data, lex->strval->len);
+		len = lex->strval->len;
+		if (json_lex(lex) != JSON_SUCCESS || lex->token_type != JSON_TOKEN_COLON ||
+			json_lex(lex) != JSON_SUCCESS)
+			return false;
+		isnull = (lex->token_type == JSON_TOKEN_NULL);
+		if (lex->token_type == JSON_TOKEN_OBJECT_START ||
+			lex->token_type == JSON_TOKEN_ARRAY_START)
+		{
+			for (int depth = 1; depth > 0;)
+			{
+				if (json_lex(lex) != JSON_SUCCESS || lex->token_type == JSON_TOKEN_END)
+					return false;
+				if (lex->token_type == JSON_TOKEN_OBJECT_START ||
+					lex->token_type == JSON_TOKEN_ARRAY_START)
+					depth++;
+				else if (lex->token_type == JSON_TOKEN_OBJECT_END ||
+						 lex->token_type == JSON_TOKEN_ARRAY_END)
+					depth--;
+			}
+		}
+		else if (lex->token_type != JSON_TOKEN_STRING &&
+				 lex->token_type != JSON_TOKEN_NUMBER &&
+				 lex->token_type != JSON_TOKEN_TRUE &&
+				 lex->token_type != JSON_TOKEN_FALSE && !isnull)
+			return false;
+		keys_add(keys, name, len, isnull);
+		if (json_lex(lex) != JSON_SUCCESS)
+			return false;
+	}
+	return keys->nkeys > 0;
+}
+
+static bool
+keys_lexer(const char *text, int textlen, bool rows, PartKeys *keys)
+{
+	MemoryContext oldcxt;
+	bool		ok;
+
+	if (keys->lexcxt == NULL)
+		keys->lexcxt = AllocSetContextCreate(keys->cxt, "athena_deferred keys",
+											 ALLOCSET_SMALL_SIZES);
+	else
+		MemoryContextReset(keys->lexcxt);
+	oldcxt = MemoryContextSwitchTo(keys->lexcxt);
+	ok = keys_lexer_read(text, textlen, rows, keys);
+	MemoryContextSwitchTo(oldcxt);
+	return ok;
+}
+
+/*
+ * Read the keys of a part's first object into keys (whose arrays are
+ * reused); false if the text is not an object, or an array of objects for
+ * PART_ROWS, with at least one key
+ */
+static bool
+part_keys(const DeferredPart *part, PartKeys *keys)
+{
+	const char *text = part_text(part);
+	bool		rows = (part->kind == PART_ROWS);
+
+	if (keys->cxt == NULL)
+		keys->cxt = CurrentMemoryContext;
+	keys->nkeys = 0;
+	switch (keys_plain(text, text + part->textlen, rows, keys))
+	{
+		case KEYS_OK:
+			return true;
+		case KEYS_ESCAPED:
+			keys->nkeys = 0;
+			return keys_lexer(text, part->textlen, rows, keys);
+		default:
+			return false;
+	}
+}
+
+/* The columns of a part, NUL-terminated, for a statement or a COPY */
+static void
+part_columns(const DeferredPart *part, KeyList *cols)
+{
+	PartKeys	keys = {0};
+
+	if (!part_keys(part, &keys))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("athena_deferred: queued entry is not a JSON object, or array of objects, with keys")));
+	cols->nkeys = keys.nkeys;
+	cols->names = palloc(sizeof(char *) * keys.nkeys);
+	cols->isnull = keys.isnull;
+	for (int i = 0; i < keys.nkeys; i++)
+		cols->names[i] = pnstrdup(keys.name[i], keys.len[i]);
+	if (keys.lexcxt != NULL)
+		MemoryContextDelete(keys.lexcxt);
+}
+
+/*
  * COPY's data source: hand over up to maxread bytes of rows, converting
  * entries as needed; 0 at the end of the batch.
  */
@@ -1101,15 +1395,14 @@ copy_serves(Relation rel, char **colnames, int ncols, AttrNumber *attnums,
 static bool
 insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 {
-	const DeferredPart *part = entry_first_part(batch[0]);
-	int			ncols = part->ncols;
+	KeyList		cols;
+	int			ncols;
 	MemoryContext copycxt;
 	MemoryContext oldcxt;
 	Relation	rel;
 	CopyFeed   *f;
 	AttrNumber *attnums;
 	List	   *attnamelist = NIL;
-	const char *name;
 	ParseState *pstate;
 	RangeTblEntry *rte;
 	CopyFromState cstate;
@@ -1123,23 +1416,19 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 									ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(copycxt);
 
+	part_columns(entry_first_part(batch[0]), &cols);
+	ncols = cols.nkeys;
 	f = palloc0(sizeof(CopyFeed));
 	f->batch = batch;
 	f->count = count;
 	f->ncols = ncols;
-	f->colnames = palloc(sizeof(char *) * ncols);
+	f->colnames = cols.names;
 	f->quote_strings = palloc(sizeof(bool) * ncols);
 	f->valstart = palloc(sizeof(int) * ncols);
 	f->vallen = palloc(sizeof(int) * ncols);
 	attnums = palloc(sizeof(AttrNumber) * ncols);
-	name = part_names(part);
 	for (int i = 0; i < ncols; i++)
-	{
-		name++;					/* null flag */
-		f->colnames[i] = pstrdup(name);
 		attnamelist = lappend(attnamelist, makeString(f->colnames[i]));
-		name += strlen(name) + 1;
-	}
 
 	rel = table_open(batch[0]->relid, NoLock);
 	if (!copy_serves(rel, f->colnames, ncols, attnums, f->quote_strings))
@@ -1287,7 +1576,8 @@ typedef struct FlushOutcome
 static void
 entry_failed(DeferredEntry *e, ErrorData *edata, FlushOutcome *out)
 {
-	e->attempts++;
+	if (e->attempts < ENTRY_MAX_ATTEMPTS)
+		e->attempts++;
 	out->failed++;
 	queue_note_error(e->qseq, edata->message);
 	if (e->attempts >= (uint32) deferred_max_flush_attempts &&
@@ -1410,6 +1700,8 @@ flush_run(int max_entries, int *settled)
 	if (n > 0)
 	{
 		Oid			shown_relid = InvalidOid;
+		PartKeys	head = {0};
+		PartKeys	next = {0};
 
 		out.tally = notify_tally_create();
 		for (int i = 0, j; i < n; i = j)
@@ -1425,8 +1717,13 @@ flush_run(int max_entries, int *settled)
 												relname ? quote_qualified_identifier(get_namespace_name(get_rel_namespace(shown_relid)), relname)
 												: "a dropped table"));
 			}
-			for (j = i + 1; j < n && j - i < FLUSH_BATCH_ENTRIES && batchable(entries[i], entries[j]); j++)
-				;
+			j = i + 1;
+			if (batch_head(entries[i], &head))
+			{
+				while (j < n && j - i < FLUSH_BATCH_ENTRIES &&
+					   batchable(entries[i], &head, entries[j], &next))
+					j++;
+			}
 			settle_batch(entries + i, j - i, &out);
 		}
 

@@ -52,10 +52,17 @@ typedef struct Replay
 	const char *segment;		/* file being read, for messages */
 	uint64		seg_max_qseq;
 	uint64		max_qseq;
-	List	   *entries;		/* DeferredEntry *, not yet filtered */
+	List	   *entries;		/* ScannedEntry *, not yet filtered */
 	List	   *aborted;		/* qseqs abandoned after pre-commit */
 	List	   *dropped;		/* DROP EXTENSION markers: DatabaseSettled */
 } Replay;
+
+/* An entry read from the WAL, with the xid of the transaction that queued it */
+typedef struct ScannedEntry
+{
+	DeferredEntry *entry;
+	TransactionId xid;
+} ScannedEntry;
 
 /* A DROP EXTENSION marker: the database's entries below upto are settled */
 typedef struct DatabaseSettled
@@ -88,9 +95,14 @@ retry_index(const Progress *p, uint64 qseq)
 	return -1;
 }
 
-/* Rebuild an entry from its WAL record; NULL if the record is malformed */
+/*
+ * Rebuild an entry from its WAL record, and the xid of the transaction that
+ * queued it; NULL if the record is malformed.  Parts of records written by
+ * version 0.3.0 and before also have "c" and "n" (the column names and null
+ * flags, which the text holds too): they are ignored.
+ */
 static DeferredEntry *
-entry_from_record(json_t *rec)
+entry_from_record(json_t *rec, TransactionId *xid_out)
 {
 	DeferredEntry hdr;
 	StringInfoData buf;
@@ -123,33 +135,24 @@ entry_from_record(json_t *rec)
 	json_array_foreach(parts, i, part)
 	{
 		int			kind;
-		json_t	   *cols;
-		const char *nulls;
 		json_t	   *text;
-		KeyList		keys;
-		size_t		c;
-		json_t	   *col;
+		const char *j;
+		size_t		len;
 
-		if (json_unpack(part, "{s:i, s:o, s:s, s:o}", "k", &kind, "c", &cols, "n", &nulls, "j", &text) != 0 ||
-			!json_is_array(cols) || !json_is_string(text) ||
-			strlen(nulls) != json_array_size(cols) || json_array_size(cols) == 0 ||
-			json_array_size(cols) > PG_UINT16_MAX)
+		if (json_unpack(part, "{s:i, s:o}", "k", &kind, "j", &text) != 0 ||
+			!json_is_string(text))
 			return NULL;
 		if (kind != (op == DEFERRED_INSERT ? PART_ROWS : (i == 0 ? PART_MATCH : PART_CHANGES)))
 			return NULL;
 
-		keys.nkeys = json_array_size(cols);
-		keys.names = palloc(sizeof(char *) * keys.nkeys);
-		keys.isnull = palloc(sizeof(bool) * keys.nkeys);
-		json_array_foreach(cols, c, col)
-		{
-			if (!json_is_string(col) || strlen(json_string_value(col)) != json_string_length(col) ||
-				json_string_length(col) == 0 || (nulls[c] != 'n' && nulls[c] != 'v'))
-				return NULL;
-			keys.names[c] = pstrdup(json_string_value(col));
-			keys.isnull[c] = (nulls[c] == 'n');
-		}
-		entry_add_part(&buf, kind, &keys, json_string_value(text), json_string_length(text));
+		/* an array of rows, or an object: entry_payload_json() relies on it */
+		j = json_string_value(text);
+		len = json_string_length(text);
+		if (len < 2 ||
+			j[0] != (kind == PART_ROWS ? '[' : '{') ||
+			j[len - 1] != (kind == PART_ROWS ? ']' : '}'))
+			return NULL;
+		entry_add_part(&buf, kind, j, len);
 	}
 
 	memset(&hdr, 0, sizeof(hdr));
@@ -157,15 +160,15 @@ entry_from_record(json_t *rec)
 	hdr.state = ENTRY_PUBLISHED;
 	hdr.op = op;
 	hdr.nparts = json_array_size(parts);
-	hdr.attempts = (uint32) Max(att, 0);
+	hdr.attempts = (uint16) Min(Max(att, 0), ENTRY_MAX_ATTEMPTS);
 	hdr.dbid = (Oid) db;
 	hdr.roleid = (Oid) role;
 	hdr.relid = (Oid) rel;
-	hdr.xid = (TransactionId) xid;
 	hdr.id = id;
 	hdr.qseq = (uint64) qseq;
 	hdr.enqueued_at = (TimestampTz) at;
 	memcpy(buf.data, &hdr, sizeof(hdr));
+	*xid_out = (TransactionId) xid;
 	return (DeferredEntry *) buf.data;
 }
 
@@ -177,7 +180,8 @@ replay_record(void *arg, json_t *rec, size_t offset)
 
 	if (type != NULL && strcmp(type, "e") == 0)
 	{
-		DeferredEntry *e = entry_from_record(rec);
+		TransactionId xid;
+		DeferredEntry *e = entry_from_record(rec, &xid);
 
 		if (e == NULL)
 			ereport(WARNING,
@@ -185,9 +189,13 @@ replay_record(void *arg, json_t *rec, size_t offset)
 							r->segment, offset)));
 		else
 		{
+			ScannedEntry *se = palloc(sizeof(ScannedEntry));
+
+			se->entry = e;
+			se->xid = xid;
 			r->seg_max_qseq = Max(r->seg_max_qseq, e->qseq);
 			r->max_qseq = Max(r->max_qseq, e->qseq);
-			r->entries = lappend(r->entries, e);
+			r->entries = lappend(r->entries, se);
 		}
 	}
 	else if (type != NULL && strcmp(type, "a") == 0)
@@ -248,8 +256,8 @@ replay_damage(void *arg, bool torn, size_t offset, size_t len)
 static int
 compare_entries(const ListCell *a, const ListCell *b)
 {
-	uint64		qa = ((DeferredEntry *) lfirst(a))->qseq;
-	uint64		qb = ((DeferredEntry *) lfirst(b))->qseq;
+	uint64		qa = ((ScannedEntry *) lfirst(a))->entry->qseq;
+	uint64		qb = ((ScannedEntry *) lfirst(b))->entry->qseq;
 
 	return qa < qb ? -1 : (qa > qb ? 1 : 0);
 }
@@ -325,19 +333,22 @@ read_segment(const char *path, size_t *size)
 	return buf;
 }
 
-/* Did the entry's transaction commit?  Entries without an xid committed at pre-commit. */
+/*
+ * Did the transaction xid that queued an entry commit?  Entries without an
+ * xid committed at pre-commit.
+ */
 static bool
-entry_committed(const DeferredEntry *e)
+entry_committed(TransactionId xid)
 {
-	if (!TransactionIdIsNormal(e->xid))
+	if (!TransactionIdIsNormal(xid))
 		return true;
 	/* an xid the server has not reached again was never committed */
-	if (!TransactionIdPrecedes(e->xid, XidFromFullTransactionId(ShmemVariableCache->nextXid)))
+	if (!TransactionIdPrecedes(xid, XidFromFullTransactionId(ShmemVariableCache->nextXid)))
 		return false;
 	/* a status older than the commit log keeps is no longer known: it committed long ago */
-	if (TransactionIdPrecedes(e->xid, ShmemVariableCache->oldestClogXid))
+	if (TransactionIdPrecedes(xid, ShmemVariableCache->oldestClogXid))
 		return true;
-	return TransactionIdDidCommit(e->xid);
+	return TransactionIdDidCommit(xid);
 }
 
 /*
@@ -408,7 +419,8 @@ recovery_scan(void)
 	list_sort(r.entries, compare_entries);
 	foreach(lc, r.entries)
 	{
-		DeferredEntry *e = lfirst(lc);
+		ScannedEntry *se = lfirst(lc);
+		DeferredEntry *e = se->entry;
 		bool		abandoned = false;
 		ListCell   *alc;
 
@@ -423,7 +435,7 @@ recovery_scan(void)
 
 			abandoned |= (d->dbid == e->dbid && e->qseq < d->upto);
 		}
-		if (abandoned || !entry_committed(e))
+		if (abandoned || !entry_committed(se->xid))
 			continue;
 		scanned_entries = lappend(scanned_entries, e);
 	}
@@ -611,7 +623,8 @@ recovery_reconcile(void)
 		int			ri = retry_index(&worker_progress, e->qseq);
 
 		if (ri >= 0)
-			e->attempts = Max(e->attempts, (uint32) worker_progress.retry_attempts[ri]);
+			e->attempts = Max(e->attempts,
+							  Min(Max(worker_progress.retry_attempts[ri], 0), ENTRY_MAX_ATTEMPTS));
 		else if (e->qseq < worker_progress.applied_upto)
 		{
 			e->state = ENTRY_DONE;

@@ -425,28 +425,18 @@ append_record(StringInfo buf, json_t *rec, int elevel)
  * An entry as a WAL record: everything needed to queue it again.
  *
  * {"t":"e","id":..,"q":..,"db":..,"role":..,"rel":..,"op":..,"xid":..,
- *  "at":..,"att":..,"p":[{"k":..,"c":[names],"n":"vn..","j":"text"},..]}
+ *  "at":..,"att":..,"p":[{"k":..,"j":"text"},..]}
  *
- * jansson writes the strings: each part's head ({"k":..,"c":..,"n":..)
- * and its text.  The numbers, and the punctuation between the pieces, are
- * put here: jansson formats each integer with snprintf(), and the nine of
- * a record cost more than everything else in it.  The result is what
- * json_dumpb(.., JSON_COMPACT) of the whole record gives.  A part's head
- * is dumped again only when its kind or names differ from those of the
- * part at the same place in the previous entry, which is rare: a session
- * mostly queues the same kind of row.
+ * (Records of version 0.3.0 and before also have "c", the part's column
+ * names, and "n", whether each value is null, in each part; recovery
+ * ignores them: the text has the same names.)
+ *
+ * jansson writes each part's text, as a JSON string.  The numbers, and the
+ * punctuation between the pieces, are put here: jansson formats each
+ * integer with snprintf(), and the nine of a record cost more than
+ * everything else in it.  The result is what json_dumpb(.., JSON_COMPACT)
+ * of the whole record gives.
  */
-typedef struct RecordPart
-{
-	char	   *head;			/* {"k":..,"c":[..],"n":"..","j": */
-	Size		headlen;
-	uint16		kind;			/* what head was dumped from */
-	char	   *names;
-	uint32		namelen;
-} RecordPart;
-
-static RecordPart *record_parts = NULL;	/* in TopMemoryContext */
-static int	record_maxparts = 0;
 
 /* A jansson string holding the part text at hand, to be dumped */
 static json_t *record_text = NULL;
@@ -499,97 +489,6 @@ json_checked(json_t *value)
 	if (value == NULL)
 		record_oom();
 	return value;
-}
-
-/* Dump the head of part into rp: the part object without its text */
-static void
-record_part_head(RecordPart *rp, const DeferredPart *part)
-{
-	json_t	   *obj = json_checked(json_pack("{s:i}", "k", (int) part->kind));
-	json_t	   *cols = json_array();
-	const char *name = part_names(part);
-	char	   *nulls = palloc(part->ncols + 1);
-	char	   *dump;
-	Size		len;
-
-	/* forget the old head first: a failure below leaves no stale match */
-	rp->namelen = 0;
-	rp->kind = 0;
-
-	for (int c = 0; c < part->ncols; c++)
-	{
-		size_t		namelen;
-
-		nulls[c] = *name++;
-		namelen = strlen(name);
-		if (cols == NULL ||
-			json_array_append_new(cols, json_checked(json_stringn_nocheck(name, namelen))) != 0)
-		{
-			json_decref(cols);
-			json_decref(obj);
-			record_oom();
-		}
-		name += namelen + 1;
-	}
-	nulls[part->ncols] = '\0';
-	if (cols == NULL ||
-		json_object_set_new_nocheck(obj, "c", cols) != 0 ||
-		json_object_set_new_nocheck(obj, "n", json_checked(json_string_nocheck(nulls))) != 0)
-	{
-		json_decref(obj);
-		record_oom();
-	}
-	pfree(nulls);
-
-	dump = json_dumps(obj, JSON_COMPACT);
-	json_decref(obj);
-	if (dump == NULL)
-		record_not_utf8();
-
-	/* {"k":1,"c":[..],"n":".."} becomes {"k":1,"c":[..],"n":"..","j": */
-	len = strlen(dump);
-	Assert(len > 1 && dump[len - 1] == '}');
-	if (rp->head != NULL)
-		pfree(rp->head);
-	rp->head = MemoryContextAlloc(TopMemoryContext, len + 4);
-	memcpy(rp->head, dump, len - 1);
-	memcpy(rp->head + len - 1, ",\"j\":", 5);
-	rp->headlen = len + 4;
-	free(dump);
-
-	if (rp->names != NULL)
-		pfree(rp->names);
-	rp->names = MemoryContextAlloc(TopMemoryContext, Max(part->namelen, 1));
-	memcpy(rp->names, part_names(part), part->namelen);
-	rp->namelen = part->namelen;
-	rp->kind = part->kind;
-}
-
-/* The head of the i-th part of an entry, dumped again if it changed */
-static RecordPart *
-record_part(int i, const DeferredPart *part)
-{
-	RecordPart *rp;
-
-	if (i >= record_maxparts)
-	{
-		int			newmax = Max(i + 1, 4);
-
-		if (record_parts == NULL)
-			record_parts = MemoryContextAllocZero(TopMemoryContext, sizeof(RecordPart) * newmax);
-		else
-		{
-			record_parts = repalloc(record_parts, sizeof(RecordPart) * newmax);
-			memset(record_parts + record_maxparts, 0,
-				   sizeof(RecordPart) * (newmax - record_maxparts));
-		}
-		record_maxparts = newmax;
-	}
-	rp = &record_parts[i];
-	if (rp->kind != part->kind || rp->namelen != part->namelen || rp->namelen == 0 ||
-		memcmp(rp->names, part_names(part), part->namelen) != 0)
-		record_part_head(rp, part);
-	return rp;
 }
 
 /*
@@ -646,11 +545,11 @@ record_forget_large(void)
 }
 
 /*
- * Write entry e as a framed record at offset off of record_buf, growing it
- * as needed.  Returns the record's size.
+ * Write entry e, queued by transaction xid, as a framed record at offset off
+ * of record_buf, growing it as needed.  Returns the record's size.
  */
 static Size
-record_append(const DeferredEntry *e, Size off)
+record_append(const DeferredEntry *e, TransactionId xid, Size off)
 {
 	const DeferredPart *part = entry_first_part(e);
 	Size		start = off + WAL_RECORD_HEADER;
@@ -670,19 +569,20 @@ record_append(const DeferredEntry *e, Size off)
 	record_put_int(&pos, "role", e->roleid);
 	record_put_int(&pos, "rel", e->relid);
 	record_put_int(&pos, "op", e->op);
-	record_put_int(&pos, "xid", e->xid);
+	record_put_int(&pos, "xid", xid);
 	record_put_int(&pos, "at", e->enqueued_at);
 	record_put_int(&pos, "att", e->attempts);
 	record_put(&pos, ",\"p\":[", 6);
 
 	for (int i = 0; i < e->nparts; i++, part = part_next(part))
 	{
-		RecordPart *rp = record_part(i, part);
+		char		head[] = ",{\"k\":0,\"j\":";
 		size_t		n;
 
-		if (i > 0)
-			record_put(&pos, ",", 1);
-		record_put(&pos, rp->head, rp->headlen);
+		/* the part's kind, one digit, and a comma before all but the first */
+		Assert(part->kind >= PART_ROWS && part->kind <= PART_CHANGES);
+		head[6] = '0' + part->kind;
+		record_put(&pos, head + (i == 0), sizeof(head) - 1 - (i == 0));
 
 		/* the text, escaped by jansson: most fit at the first try */
 		if (json_string_setn_nocheck(record_text, part_text(part), part->textlen) != 0)
@@ -717,11 +617,11 @@ record_append(const DeferredEntry *e, Size off)
 
 /*
  * Log a committing transaction's entries (already given their qseq) with
- * one write.  Returns the position the log must be flushed to for them to
+ * one write; xid is the transaction's, if it has one.  Returns the position the log must be flushed to for them to
  * be durable, or 0 when the log is disabled.
  */
 uint64
-wal_append(DeferredEntry **entries, int nentries)
+wal_append(DeferredEntry **entries, int nentries, TransactionId xid)
 {
 	uint64		max_qseq = 0;
 	Size		len = 0;
@@ -732,7 +632,7 @@ wal_append(DeferredEntry **entries, int nentries)
 
 	for (int i = 0; i < nentries; i++)
 	{
-		len += record_append(entries[i], len);
+		len += record_append(entries[i], xid, len);
 		max_qseq = Max(max_qseq, entries[i]->qseq);
 	}
 	append_first_qseq = entries[0]->qseq;
