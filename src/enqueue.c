@@ -420,7 +420,7 @@ read_keys(JsonbContainer *obj, const TargetDesc *desc, bool assigning,
 	const TargetColumn *col = NULL;
 
 	keys->list.names = palloc(sizeof(char *) * max);
-	keys->list.isnull = palloc(sizeof(bool) * max);
+	keys->list.isnull = NULL;	/* the flush reads them from the text */
 	keys->attnums = palloc(sizeof(AttrNumber) * max);
 
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
@@ -440,12 +440,11 @@ read_keys(JsonbContainer *obj, const TargetDesc *desc, bool assigning,
 						 errmsg("column \"%s\" of relation \"%s\" is a generated column",
 								col->name, target_name(desc->relid)),
 						 errdetail("Generated columns cannot be written.")));
-			/* the cache outlives the call: the entry copies the names */
+			/* names the cached description's; they outlive the call */
 			keys->list.names[n] = (char *) col->name;
 			keys->attnums[n] = col->attnum;
+			n++;
 		}
-		else if (tok == WJB_VALUE)
-			keys->list.isnull[n++] = (v.type == jbvNull);
 	}
 	keys->list.nkeys = n;
 }
