@@ -377,25 +377,19 @@ queue_cancel(const uint64 *positions, int nentries)
 
 /*
  * Copy up to max_entries published entries of the current database, oldest
- * first, into the current memory context.  Stops at the database's first
- * entry whose transaction has not yet committed, so that nothing overtakes
- * it.  Returns how many were copied.
- *
- * The worker copies bodies after releasing the lock: published entries are
- * immutable and only the worker releases them.  Anyone else (worker =
- * false) copies under the lock, since the worker may release and callers
- * reuse that space meanwhile.
+ * first, into the current memory context, under the lock (the worker may
+ * release their space as soon as it is released).  Stops at the database's
+ * first entry whose transaction has not yet committed, so that nothing
+ * overtakes it.  Returns how many were copied.
  */
 int
-queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
-			  bool worker)
+queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 {
 	DeferredShared *q = deferred_shared;
 	DeferredEntry hdr;
 	uint64		pos;
 	int			n = 0;
 	int			allocated = 64;
-	int			i;
 
 	*positions = palloc(sizeof(uint64) * allocated);
 	*entries = palloc(sizeof(DeferredEntry *) * allocated);
@@ -420,23 +414,108 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
 			*entries = repalloc(*entries, sizeof(DeferredEntry *) * allocated);
 		}
 		(*positions)[n] = pos;
-		(*entries)[n] = NULL;
-		if (!worker)
-		{
-			(*entries)[n] = palloc(hdr.size);
-			ring_read(pos, (*entries)[n], hdr.size);
-		}
+		(*entries)[n] = palloc(hdr.size);
+		ring_read(pos, (*entries)[n], hdr.size);
 		n++;
 	}
 	LWLockRelease(q->lock);
-
-	for (i = 0; i < n && worker; i++)
-	{
-		ring_read((*positions)[i], &hdr, sizeof(hdr));
-		(*entries)[i] = palloc(hdr.size);
-		ring_read((*positions)[i], (*entries)[i], hdr.size);
-	}
 	return n;
+}
+
+/*
+ * Entries lie in the ring 4-byte aligned, and their headers hold 8-byte
+ * fields: the worker reads them in place only where such loads are safe,
+ * and copies every entry elsewhere.
+ */
+#if defined(__x86_64__) || defined(__i386__) || defined(__aarch64__)
+#define RING_READ_IN_PLACE true
+#else
+#define RING_READ_IN_PLACE false
+#endif
+
+/* Make room for at least one more entry in take's arrays */
+static void
+take_grow(QueueTake *take)
+{
+	int			allocated = Max(take->allocated * 2, 1024);
+
+	if (take->allocated == 0)
+	{
+		take->entries = MemoryContextAllocHuge(take->cxt, sizeof(DeferredEntry *) * allocated);
+		take->positions = MemoryContextAllocHuge(take->cxt, sizeof(uint64) * allocated);
+		take->states = MemoryContextAllocHuge(take->cxt, sizeof(uint8) * allocated);
+		take->attempts = MemoryContextAllocHuge(take->cxt, sizeof(uint32) * allocated);
+	}
+	else
+	{
+		take->entries = repalloc_huge(take->entries, sizeof(DeferredEntry *) * allocated);
+		take->positions = repalloc_huge(take->positions, sizeof(uint64) * allocated);
+		take->states = repalloc_huge(take->states, sizeof(uint8) * allocated);
+		take->attempts = repalloc_huge(take->attempts, sizeof(uint32) * allocated);
+	}
+	take->allocated = allocated;
+}
+
+/*
+ * Worker: take up to max_entries published entries of the current
+ * database, oldest first, for a flush (see QueueTake).  Stops at the
+ * database's first entry whose transaction has not yet committed, so that
+ * nothing overtakes it.  An entry that wraps around the ring's end is
+ * copied, after the lock is released, into the current memory context.
+ */
+void
+queue_take(QueueTake *take, int max_entries)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry hdrbuf;
+	const DeferredEntry *hdr;
+	uint64		pos;
+	int			n = 0;
+
+	Assert(take->cxt != NULL);
+	LWLockAcquire(q->lock, LW_SHARED);
+	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries; pos += hdr->size)
+	{
+		Size		off = ring_offset(pos);
+
+		if (off + sizeof(DeferredEntry) <= q->capacity)
+			hdr = (const DeferredEntry *) (q->ring + off);
+		else
+		{
+			ring_read(pos, &hdrbuf, sizeof(hdrbuf));
+			hdr = &hdrbuf;
+		}
+		if (hdr->size < sizeof(DeferredEntry) || hdr->size > q->capacity)
+			elog(PANIC, "athena_deferred: corrupt queue entry of %u bytes at %llu",
+				 hdr->size, (unsigned long long) pos);
+		if (hdr->dbid != MyDatabaseId)
+			continue;
+		if (hdr->state == ENTRY_RESERVED)
+			break;
+		if (hdr->state != ENTRY_PUBLISHED)
+			continue;
+		if (n == take->allocated)
+			take_grow(take);
+		take->positions[n] = pos;
+		take->entries[n] = (RING_READ_IN_PLACE && off + hdr->size <= q->capacity) ?
+			(DeferredEntry *) (q->ring + off) : NULL;
+		take->states[n] = ENTRY_PUBLISHED;
+		take->attempts[n] = hdr->attempts;
+		n++;
+	}
+	LWLockRelease(q->lock);
+	take->n = n;
+
+	/* published entries do not change, and only this worker releases them */
+	for (int i = 0; i < n; i++)
+	{
+		if (take->entries[i] == NULL)
+		{
+			ring_read(take->positions[i], &hdrbuf, sizeof(hdrbuf));
+			take->entries[i] = palloc(hdrbuf.size);
+			ring_read(take->positions[i], take->entries[i], hdrbuf.size);
+		}
+	}
 }
 
 /*
@@ -485,15 +564,17 @@ note_outcome_locked(int64 id, EntryOutcome outcome)
 }
 
 /*
- * Record the outcome of a flush: each entry is either settled (ENTRY_DONE
- * or ENTRY_DEAD) or still PUBLISHED with a new attempt count.
+ * Record the outcome of a flush: each entry taken is either settled
+ * (ENTRY_DONE or ENTRY_DEAD), its space released, or still PUBLISHED with
+ * a new attempt count.  take's entries must not be read after this.
  */
 void
-queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
-			 int64 applied, int64 failed, int64 dead, int64 duration_us)
+queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
+			 int64 duration_us)
 {
 	DeferredShared *q = deferred_shared;
 	DeferredDatabase *db;
+	int			nentries = take->n;
 	int			bucket = 0;
 	int			i;
 
@@ -502,17 +583,19 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 	Assert(db != NULL || nentries == 0);
 	for (i = 0; i < nentries; i++)
 	{
-		DeferredEntry *e = entries[i];
+		const DeferredEntry *e = take->entries[i];
+		uint8		state = take->states[i];
 
-		ring_write(positions[i] + offsetof(DeferredEntry, attempts),
-				   &e->attempts, sizeof(e->attempts));
-		if (e->state == ENTRY_DONE || e->state == ENTRY_DEAD)
+		if (take->attempts[i] != e->attempts)
+			ring_write(take->positions[i] + offsetof(DeferredEntry, attempts),
+					   &take->attempts[i], sizeof(uint32));
+		if (state == ENTRY_DONE || state == ENTRY_DEAD)
 		{
-			ring_set_state(positions[i], e->state);
-			note_outcome_locked(e->id, e->state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
+			note_outcome_locked(e->id, state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
 			q->pending--;
 			db->pending--;
 			db->bytes -= e->size;
+			ring_set_state(take->positions[i], state);
 		}
 	}
 	q->applied += applied;
@@ -531,6 +614,7 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 	}
 	queue_advance_head_locked();
 	LWLockRelease(q->lock);
+	take->n = 0;
 
 	ConditionVariableBroadcast(&q->space_cv);
 	ConditionVariableBroadcast(&q->settled_cv);
@@ -764,6 +848,9 @@ queue_database_pending(uint64 *next_qseq)
 /*
  * Launcher: settle every entry of a database that no longer exists, so
  * that it is neither retried forever nor holds its space.  Returns how many.
+ * Never while the database's worker is attached: it may be reading the
+ * entries in place (queue_take), and DROP DATABASE cannot have committed
+ * while it was connected.
  */
 int64
 queue_discard_database(Oid dbid)
@@ -774,6 +861,12 @@ queue_discard_database(Oid dbid)
 	int64		n = 0;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(dbid, false);
+	if (db != NULL && db->worker_latch != NULL)
+	{
+		LWLockRelease(q->lock);
+		return 0;
+	}
 	for (uint64 pos = q->head_pos; pos < q->reserve_pos; pos += hdr.size)
 	{
 		ring_read(pos, &hdr, sizeof(hdr));
@@ -783,7 +876,6 @@ queue_discard_database(Oid dbid)
 			n++;
 		}
 	}
-	db = queue_database_slot(dbid, false);
 	if (db != NULL)
 	{
 		db->pending = 0;
