@@ -66,6 +66,40 @@ ring_set_state(uint64 pos, uint8 state)
 	ring_write(pos + offsetof(DeferredEntry, state), &state, sizeof(state));
 }
 
+/*
+ * Entries lie in the ring 4-byte aligned, and their headers hold 8-byte
+ * fields: they are read in place only where such loads are safe, and
+ * copied elsewhere.
+ */
+#if defined(__x86_64__) || defined(__i386__) || defined(__aarch64__)
+#define RING_READ_IN_PLACE true
+#else
+#define RING_READ_IN_PLACE false
+#endif
+
+/*
+ * The header of the entry at ring offset off: where it lies in the ring,
+ * or, if it wraps around the ring's end, a copy in *buf.  Loops over the
+ * ring keep the offset themselves rather than divide (ring_offset) at each
+ * entry.
+ */
+static inline const DeferredEntry *
+ring_header_at(Size off, DeferredEntry *buf)
+{
+	if (RING_READ_IN_PLACE && off + sizeof(DeferredEntry) <= deferred_shared->capacity)
+		return (const DeferredEntry *) (deferred_shared->ring + off);
+	ring_read(off, buf, sizeof(DeferredEntry));
+	return buf;
+}
+
+/* Ring offset off moved on by size bytes */
+static inline Size
+ring_offset_add(Size off, Size size)
+{
+	off += size;
+	return off >= deferred_shared->capacity ? off - deferred_shared->capacity : off;
+}
+
 /* Shared memory needed for the queue */
 Size
 queue_shmem_size(void)
@@ -306,19 +340,47 @@ static void
 queue_advance_head_locked(void)
 {
 	DeferredShared *q = deferred_shared;
-	DeferredEntry hdr;
+	DeferredEntry buf;
+	Size		off = ring_offset(q->head_pos);
 
 	while (q->head_pos < q->reserve_pos)
 	{
-		ring_read(q->head_pos, &hdr, sizeof(hdr));
-		if (hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED)
+		const DeferredEntry *hdr = ring_header_at(off, &buf);
+
+		if (hdr->state == ENTRY_RESERVED || hdr->state == ENTRY_PUBLISHED)
 		{
-			q->settled_qseq = hdr.qseq;
+			q->settled_qseq = hdr->qseq;
 			return;
 		}
-		q->head_pos += hdr.size;
+		q->head_pos += hdr->size;
+		off = ring_offset_add(off, hdr->size);
 	}
 	q->settled_qseq = q->next_qseq;
+}
+
+/*
+ * The same, but not past the entry at upto, and without setting
+ * settled_qseq: false if the head stopped before that entry (at an entry
+ * not settled, which stays so while the caller holds the lock).  *head_off
+ * is the head's ring offset, kept by the caller from call to call.
+ */
+static bool
+queue_advance_head_upto_locked(uint64 upto, Size *head_off)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry buf;
+
+	Assert(upto < q->reserve_pos && *head_off == ring_offset(q->head_pos));
+	while (q->head_pos <= upto)
+	{
+		const DeferredEntry *hdr = ring_header_at(*head_off, &buf);
+
+		if (hdr->state == ENTRY_RESERVED || hdr->state == ENTRY_PUBLISHED)
+			return false;
+		q->head_pos += hdr->size;
+		*head_off = ring_offset_add(*head_off, hdr->size);
+	}
+	return true;
 }
 
 /*
@@ -422,17 +484,6 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 	return n;
 }
 
-/*
- * Entries lie in the ring 4-byte aligned, and their headers hold 8-byte
- * fields: the worker reads them in place only where such loads are safe,
- * and copies every entry elsewhere.
- */
-#if defined(__x86_64__) || defined(__i386__) || defined(__aarch64__)
-#define RING_READ_IN_PLACE true
-#else
-#define RING_READ_IN_PLACE false
-#endif
-
 /* Make room for at least one more entry in take's arrays */
 static void
 take_grow(QueueTake *take)
@@ -472,19 +523,15 @@ queue_take(QueueTake *take, int max_entries)
 	uint64		pos;
 	int			n = 0;
 
+	Size		off;
+
 	Assert(take->cxt != NULL);
 	LWLockAcquire(q->lock, LW_SHARED);
-	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries; pos += hdr->size)
+	off = ring_offset(q->head_pos);
+	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries;
+		 pos += hdr->size, off = ring_offset_add(off, hdr->size))
 	{
-		Size		off = ring_offset(pos);
-
-		if (off + sizeof(DeferredEntry) <= q->capacity)
-			hdr = (const DeferredEntry *) (q->ring + off);
-		else
-		{
-			ring_read(pos, &hdrbuf, sizeof(hdrbuf));
-			hdr = &hdrbuf;
-		}
+		hdr = ring_header_at(off, &hdrbuf);
 		if (hdr->size < sizeof(DeferredEntry) || hdr->size > q->capacity)
 			elog(PANIC, "athena_deferred: corrupt queue entry of %u bytes at %llu",
 				 hdr->size, (unsigned long long) pos);
@@ -576,15 +623,19 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 	DeferredDatabase *db;
 	int			nentries = take->n;
 	int			bucket = 0;
+	bool		advancing = true;
+	Size		head_off;
 	int			i;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	head_off = ring_offset(q->head_pos);
 	db = queue_database_slot(MyDatabaseId, false);
 	Assert(db != NULL || nentries == 0);
 	for (i = 0; i < nentries; i++)
 	{
-		const DeferredEntry *e = take->entries[i];
+		DeferredEntry *e = take->entries[i];
 		uint8		state = take->states[i];
+		bool		in_ring = ((char *) e >= q->ring && (char *) e < q->ring + q->capacity);
 
 		if (take->attempts[i] != e->attempts)
 			ring_write(take->positions[i] + offsetof(DeferredEntry, attempts),
@@ -595,8 +646,14 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 			q->pending--;
 			db->pending--;
 			db->bytes -= e->size;
-			ring_set_state(take->positions[i], state);
+			if (in_ring)
+				e->state = state;
+			else
+				ring_set_state(take->positions[i], state);
 		}
+		/* release the space up to here while the entry is in the cache */
+		if (advancing)
+			advancing = queue_advance_head_upto_locked(take->positions[i], &head_off);
 	}
 	q->applied += applied;
 	q->failed_attempts += failed;
