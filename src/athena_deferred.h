@@ -27,7 +27,11 @@
  * marked otherwise; entry bodies are written without the lock by the
  * backend that reserved them, while their state is RESERVED, and are
  * immutable once PUBLISHED.  Only the worker changes a published entry's
- * state and attempts.
+ * state and attempts (under the lock, in queue_settle), and it reads the
+ * entries it took for a flush where they lie in the ring, without the lock:
+ * the ring's space is released only past settled entries (the launcher
+ * discards entries only of a database without a worker), so those entries
+ * stay in place until the worker settles them or exits.
  *
  *-------------------------------------------------------------------------
  */
