@@ -638,8 +638,16 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 		bool		in_ring = ((char *) e >= q->ring && (char *) e < q->ring + q->capacity);
 
 		if (take->attempts[i] != e->attempts)
-			ring_write(take->positions[i] + offsetof(DeferredEntry, attempts),
-					   &take->attempts[i], sizeof(uint32));
+		{
+			DeferredEntry changed;
+
+			changed.attempts = take->attempts[i];
+			if (in_ring)
+				e->attempts = changed.attempts;
+			else
+				ring_write(take->positions[i] + offsetof(DeferredEntry, attempts),
+						   &changed.attempts, sizeof(changed.attempts));
+		}
 		if (state == ENTRY_DONE || state == ENTRY_DEAD)
 		{
 			note_outcome_locked(e->id, state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
