@@ -27,7 +27,11 @@
  * marked otherwise; entry bodies are written without the lock by the
  * backend that reserved them, while their state is RESERVED, and are
  * immutable once PUBLISHED.  Only the worker changes a published entry's
- * state and attempts.
+ * state and attempts (under the lock, in queue_settle), and it reads the
+ * entries it took for a flush where they lie in the ring, without the lock:
+ * the ring's space is released only past settled entries (the launcher
+ * discards entries only of a database without a worker), so those entries
+ * stay in place until the worker settles them or exits.
  *
  *-------------------------------------------------------------------------
  */
@@ -289,9 +293,31 @@ extern void queue_reserve(DeferredEntry **entries, uint64 *positions,
 extern void queue_publish(const uint64 *positions, int nentries);
 extern void queue_cancel(const uint64 *positions, int nentries);
 extern int	queue_collect(DeferredEntry ***entries, uint64 **positions,
-						  int max_entries, bool worker);
-extern void queue_settle(uint64 *positions, DeferredEntry **entries,
-						 int nentries, int64 applied, int64 failed,
+						  int max_entries);
+
+/*
+ * The worker's view of the entries it took for one flush (queue_take).
+ * entries[i] points into the ring itself (a copy only for an entry that
+ * wraps around the ring's end): read-only, and valid until queue_settle(),
+ * since the ring's space is released only past settled entries and only
+ * the worker settles its database's published entries.  What the flush
+ * makes of an entry goes into states[i] (ENTRY_PUBLISHED: to retry,
+ * ENTRY_DONE, ENTRY_DEAD) and attempts[i]; queue_settle() writes them to
+ * the ring.  The arrays live in cxt and are kept from flush to flush.
+ */
+typedef struct QueueTake
+{
+	int			n;				/* entries taken */
+	int			allocated;		/* room in the arrays */
+	MemoryContext cxt;			/* where the arrays are allocated */
+	DeferredEntry **entries;
+	uint64	   *positions;		/* where each entry lies in the ring */
+	uint8	   *states;
+	uint32	   *attempts;
+} QueueTake;
+
+extern void queue_take(QueueTake *take, int max_entries);
+extern void queue_settle(QueueTake *take, int64 applied, int64 failed,
 						 int64 dead, int64 duration_us);
 extern void queue_note_error(uint64 qseq, const char *message);
 extern void queue_note_rolled_back(const int64 *ids, int nids);

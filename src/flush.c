@@ -85,6 +85,9 @@
 
 static MemoryContext flush_context = NULL;
 
+/* The entries of the flush at hand, read in place in the ring (queue.c) */
+static QueueTake flush_take;
+
 /* applied_upto as this worker last recorded or read it */
 uint64		flush_progress_upto = 0;
 
@@ -1564,6 +1567,7 @@ apply_in_subxact(DeferredEntry **batch, int count, NotifyTally *tally)
 /* What one flush did, for its progress record and shared memory */
 typedef struct FlushOutcome
 {
+	QueueTake  *take;			/* the entries, and what becomes of each */
 	const char *schema;
 	NotifyTally *tally;
 	List	   *retry;
@@ -1572,18 +1576,27 @@ typedef struct FlushOutcome
 	int64		dead;
 } FlushOutcome;
 
-/* An entry failed: retry it later, or dead-letter it after its last attempt */
+/*
+ * Entry i of the flush failed: retry it later, or dead-letter it after its
+ * last attempt.  What the retry list and the dead letter get is a copy that
+ * carries the new attempt count; the ring gets it at queue_settle().
+ */
 static void
-entry_failed(DeferredEntry *e, ErrorData *edata, FlushOutcome *out)
+entry_failed(int i, ErrorData *edata, FlushOutcome *out)
 {
-	if (e->attempts < ENTRY_MAX_ATTEMPTS)
-		e->attempts++;
+	const DeferredEntry *taken = out->take->entries[i];
+	DeferredEntry *e = palloc(taken->size);
+
+	memcpy(e, taken, taken->size);
+	if (out->take->attempts[i] < ENTRY_MAX_ATTEMPTS)
+		out->take->attempts[i]++;
+	e->attempts = out->take->attempts[i];
 	out->failed++;
 	queue_note_error(e->qseq, edata->message);
 	if (e->attempts >= (uint32) deferred_max_flush_attempts &&
 		dead_letter_in_subxact(out->schema, e, edata))
 	{
-		e->state = ENTRY_DEAD;
+		out->take->states[i] = ENTRY_DEAD;
 		out->dead++;
 		return;
 	}
@@ -1602,15 +1615,15 @@ static void
 settle_batch(DeferredEntry **batch, int count, FlushOutcome *out)
 {
 	ErrorData  *edata = apply_in_subxact(batch, count, out->tally);
+	int			first = batch - out->take->entries;
 
 	if (edata == NULL)
 	{
-		for (int i = 0; i < count; i++)
-			batch[i]->state = ENTRY_DONE;
+		memset(out->take->states + first, ENTRY_DONE, count);
 		out->applied += count;
 	}
 	else if (count == 1)
-		entry_failed(batch[0], edata, out);
+		entry_failed(first, edata, out);
 	else
 	{
 		FreeErrorData(edata);
@@ -1696,7 +1709,16 @@ flush_run(int max_entries, int *settled)
 	oldcxt = MemoryContextSwitchTo(flush_context);
 
 	out.schema = flush_extension_schema();
-	n = out.schema ? queue_collect(&entries, &positions, max_entries, true) : 0;
+	out.take = &flush_take;
+	if (flush_take.cxt == NULL)
+		flush_take.cxt = AllocSetContextCreate(TopMemoryContext, "athena_deferred flush entries",
+											   ALLOCSET_DEFAULT_SIZES);
+	flush_take.n = 0;
+	if (out.schema)
+		queue_take(&flush_take, max_entries);
+	n = flush_take.n;
+	entries = flush_take.entries;
+	positions = flush_take.positions;
 	if (n > 0)
 	{
 		Oid			shown_relid = InvalidOid;
@@ -1752,7 +1774,7 @@ flush_run(int max_entries, int *settled)
 
 		flush_progress_upto = upto;
 		deferred_fault("after_flush_commit");
-		queue_settle(positions, entries, n, out.applied, out.failed, out.dead, duration);
+		queue_settle(&flush_take, out.applied, out.failed, out.dead, duration);
 		*settled = out.applied + out.dead;
 		ereport(DEBUG1,
 				(errmsg("athena_deferred: flushed %d entries in %.3f ms: " INT64_FORMAT " applied, " INT64_FORMAT " failed, " INT64_FORMAT " dead-lettered",

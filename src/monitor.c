@@ -137,7 +137,7 @@ deferred_pending(PG_FUNCTION_ARGS)
 
 	check_loaded();
 	InitMaterializedSRF(fcinfo, 0);
-	n = queue_collect(&entries, &positions, INT_MAX, false);
+	n = queue_collect(&entries, &positions, INT_MAX);
 
 	for (int i = 0; i < n; i++)
 	{

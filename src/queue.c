@@ -66,6 +66,40 @@ ring_set_state(uint64 pos, uint8 state)
 	ring_write(pos + offsetof(DeferredEntry, state), &state, sizeof(state));
 }
 
+/*
+ * Entries lie in the ring 4-byte aligned, and their headers hold 8-byte
+ * fields: they are read in place only where such loads are safe, and
+ * copied elsewhere.
+ */
+#if defined(__x86_64__) || defined(__i386__) || defined(__aarch64__)
+#define RING_READ_IN_PLACE true
+#else
+#define RING_READ_IN_PLACE false
+#endif
+
+/*
+ * The header of the entry at ring offset off: where it lies in the ring,
+ * or, if it wraps around the ring's end, a copy in *buf.  Loops over the
+ * ring keep the offset themselves rather than divide (ring_offset) at each
+ * entry.
+ */
+static inline const DeferredEntry *
+ring_header_at(Size off, DeferredEntry *buf)
+{
+	if (RING_READ_IN_PLACE && off + sizeof(DeferredEntry) <= deferred_shared->capacity)
+		return (const DeferredEntry *) (deferred_shared->ring + off);
+	ring_read(off, buf, sizeof(DeferredEntry));
+	return buf;
+}
+
+/* Ring offset off moved on by size bytes */
+static inline Size
+ring_offset_add(Size off, Size size)
+{
+	off += size;
+	return off >= deferred_shared->capacity ? off - deferred_shared->capacity : off;
+}
+
 /* Shared memory needed for the queue */
 Size
 queue_shmem_size(void)
@@ -306,19 +340,47 @@ static void
 queue_advance_head_locked(void)
 {
 	DeferredShared *q = deferred_shared;
-	DeferredEntry hdr;
+	DeferredEntry buf;
+	Size		off = ring_offset(q->head_pos);
 
 	while (q->head_pos < q->reserve_pos)
 	{
-		ring_read(q->head_pos, &hdr, sizeof(hdr));
-		if (hdr.state == ENTRY_RESERVED || hdr.state == ENTRY_PUBLISHED)
+		const DeferredEntry *hdr = ring_header_at(off, &buf);
+
+		if (hdr->state == ENTRY_RESERVED || hdr->state == ENTRY_PUBLISHED)
 		{
-			q->settled_qseq = hdr.qseq;
+			q->settled_qseq = hdr->qseq;
 			return;
 		}
-		q->head_pos += hdr.size;
+		q->head_pos += hdr->size;
+		off = ring_offset_add(off, hdr->size);
 	}
 	q->settled_qseq = q->next_qseq;
+}
+
+/*
+ * The same, but not past the entry at upto, and without setting
+ * settled_qseq: false if the head stopped before that entry (at an entry
+ * not settled, which stays so while the caller holds the lock).  *head_off
+ * is the head's ring offset, kept by the caller from call to call.
+ */
+static bool
+queue_advance_head_upto_locked(uint64 upto, Size *head_off)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry buf;
+
+	Assert(upto < q->reserve_pos && *head_off == ring_offset(q->head_pos));
+	while (q->head_pos <= upto)
+	{
+		const DeferredEntry *hdr = ring_header_at(*head_off, &buf);
+
+		if (hdr->state == ENTRY_RESERVED || hdr->state == ENTRY_PUBLISHED)
+			return false;
+		q->head_pos += hdr->size;
+		*head_off = ring_offset_add(*head_off, hdr->size);
+	}
+	return true;
 }
 
 /*
@@ -377,25 +439,19 @@ queue_cancel(const uint64 *positions, int nentries)
 
 /*
  * Copy up to max_entries published entries of the current database, oldest
- * first, into the current memory context.  Stops at the database's first
- * entry whose transaction has not yet committed, so that nothing overtakes
- * it.  Returns how many were copied.
- *
- * The worker copies bodies after releasing the lock: published entries are
- * immutable and only the worker releases them.  Anyone else (worker =
- * false) copies under the lock, since the worker may release and callers
- * reuse that space meanwhile.
+ * first, into the current memory context, under the lock (the worker may
+ * release their space as soon as it is released).  Stops at the database's
+ * first entry whose transaction has not yet committed, so that nothing
+ * overtakes it.  Returns how many were copied.
  */
 int
-queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
-			  bool worker)
+queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 {
 	DeferredShared *q = deferred_shared;
 	DeferredEntry hdr;
 	uint64		pos;
 	int			n = 0;
 	int			allocated = 64;
-	int			i;
 
 	*positions = palloc(sizeof(uint64) * allocated);
 	*entries = palloc(sizeof(DeferredEntry *) * allocated);
@@ -420,23 +476,93 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries,
 			*entries = repalloc(*entries, sizeof(DeferredEntry *) * allocated);
 		}
 		(*positions)[n] = pos;
-		(*entries)[n] = NULL;
-		if (!worker)
-		{
-			(*entries)[n] = palloc(hdr.size);
-			ring_read(pos, (*entries)[n], hdr.size);
-		}
+		(*entries)[n] = palloc(hdr.size);
+		ring_read(pos, (*entries)[n], hdr.size);
 		n++;
 	}
 	LWLockRelease(q->lock);
-
-	for (i = 0; i < n && worker; i++)
-	{
-		ring_read((*positions)[i], &hdr, sizeof(hdr));
-		(*entries)[i] = palloc(hdr.size);
-		ring_read((*positions)[i], (*entries)[i], hdr.size);
-	}
 	return n;
+}
+
+/* Make room for at least one more entry in take's arrays */
+static void
+take_grow(QueueTake *take)
+{
+	int			allocated = Max(take->allocated * 2, 1024);
+
+	if (take->allocated == 0)
+	{
+		take->entries = MemoryContextAllocHuge(take->cxt, sizeof(DeferredEntry *) * allocated);
+		take->positions = MemoryContextAllocHuge(take->cxt, sizeof(uint64) * allocated);
+		take->states = MemoryContextAllocHuge(take->cxt, sizeof(uint8) * allocated);
+		take->attempts = MemoryContextAllocHuge(take->cxt, sizeof(uint32) * allocated);
+	}
+	else
+	{
+		take->entries = repalloc_huge(take->entries, sizeof(DeferredEntry *) * allocated);
+		take->positions = repalloc_huge(take->positions, sizeof(uint64) * allocated);
+		take->states = repalloc_huge(take->states, sizeof(uint8) * allocated);
+		take->attempts = repalloc_huge(take->attempts, sizeof(uint32) * allocated);
+	}
+	take->allocated = allocated;
+}
+
+/*
+ * Worker: take up to max_entries published entries of the current
+ * database, oldest first, for a flush (see QueueTake).  Stops at the
+ * database's first entry whose transaction has not yet committed, so that
+ * nothing overtakes it.  An entry that wraps around the ring's end is
+ * copied, after the lock is released, into the current memory context.
+ */
+void
+queue_take(QueueTake *take, int max_entries)
+{
+	DeferredShared *q = deferred_shared;
+	DeferredEntry hdrbuf;
+	const DeferredEntry *hdr;
+	uint64		pos;
+	int			n = 0;
+
+	Size		off;
+
+	Assert(take->cxt != NULL);
+	LWLockAcquire(q->lock, LW_SHARED);
+	off = ring_offset(q->head_pos);
+	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries;
+		 pos += hdr->size, off = ring_offset_add(off, hdr->size))
+	{
+		hdr = ring_header_at(off, &hdrbuf);
+		if (hdr->size < sizeof(DeferredEntry) || hdr->size > q->capacity)
+			elog(PANIC, "athena_deferred: corrupt queue entry of %u bytes at %llu",
+				 hdr->size, (unsigned long long) pos);
+		if (hdr->dbid != MyDatabaseId)
+			continue;
+		if (hdr->state == ENTRY_RESERVED)
+			break;
+		if (hdr->state != ENTRY_PUBLISHED)
+			continue;
+		if (n == take->allocated)
+			take_grow(take);
+		take->positions[n] = pos;
+		take->entries[n] = (RING_READ_IN_PLACE && off + hdr->size <= q->capacity) ?
+			(DeferredEntry *) (q->ring + off) : NULL;
+		take->states[n] = ENTRY_PUBLISHED;
+		take->attempts[n] = hdr->attempts;
+		n++;
+	}
+	LWLockRelease(q->lock);
+	take->n = n;
+
+	/* published entries do not change, and only this worker releases them */
+	for (int i = 0; i < n; i++)
+	{
+		if (take->entries[i] == NULL)
+		{
+			ring_read(take->positions[i], &hdrbuf, sizeof(hdrbuf));
+			take->entries[i] = palloc(hdrbuf.size);
+			ring_read(take->positions[i], take->entries[i], hdrbuf.size);
+		}
+	}
 }
 
 /*
@@ -485,35 +611,57 @@ note_outcome_locked(int64 id, EntryOutcome outcome)
 }
 
 /*
- * Record the outcome of a flush: each entry is either settled (ENTRY_DONE
- * or ENTRY_DEAD) or still PUBLISHED with a new attempt count.
+ * Record the outcome of a flush: each entry taken is either settled
+ * (ENTRY_DONE or ENTRY_DEAD), its space released, or still PUBLISHED with
+ * a new attempt count.  take's entries must not be read after this.
  */
 void
-queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
-			 int64 applied, int64 failed, int64 dead, int64 duration_us)
+queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
+			 int64 duration_us)
 {
 	DeferredShared *q = deferred_shared;
 	DeferredDatabase *db;
+	int			nentries = take->n;
 	int			bucket = 0;
+	bool		advancing = true;
+	Size		head_off;
 	int			i;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	head_off = ring_offset(q->head_pos);
 	db = queue_database_slot(MyDatabaseId, false);
 	Assert(db != NULL || nentries == 0);
 	for (i = 0; i < nentries; i++)
 	{
-		DeferredEntry *e = entries[i];
+		DeferredEntry *e = take->entries[i];
+		uint8		state = take->states[i];
+		bool		in_ring = ((char *) e >= q->ring && (char *) e < q->ring + q->capacity);
 
-		ring_write(positions[i] + offsetof(DeferredEntry, attempts),
-				   &e->attempts, sizeof(e->attempts));
-		if (e->state == ENTRY_DONE || e->state == ENTRY_DEAD)
+		if (take->attempts[i] != e->attempts)
 		{
-			ring_set_state(positions[i], e->state);
-			note_outcome_locked(e->id, e->state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
+			DeferredEntry changed;
+
+			changed.attempts = take->attempts[i];
+			if (in_ring)
+				e->attempts = changed.attempts;
+			else
+				ring_write(take->positions[i] + offsetof(DeferredEntry, attempts),
+						   &changed.attempts, sizeof(changed.attempts));
+		}
+		if (state == ENTRY_DONE || state == ENTRY_DEAD)
+		{
+			note_outcome_locked(e->id, state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
 			q->pending--;
 			db->pending--;
 			db->bytes -= e->size;
+			if (in_ring)
+				e->state = state;
+			else
+				ring_set_state(take->positions[i], state);
 		}
+		/* release the space up to here while the entry is in the cache */
+		if (advancing)
+			advancing = queue_advance_head_upto_locked(take->positions[i], &head_off);
 	}
 	q->applied += applied;
 	q->failed_attempts += failed;
@@ -531,6 +679,7 @@ queue_settle(uint64 *positions, DeferredEntry **entries, int nentries,
 	}
 	queue_advance_head_locked();
 	LWLockRelease(q->lock);
+	take->n = 0;
 
 	ConditionVariableBroadcast(&q->space_cv);
 	ConditionVariableBroadcast(&q->settled_cv);
@@ -764,6 +913,9 @@ queue_database_pending(uint64 *next_qseq)
 /*
  * Launcher: settle every entry of a database that no longer exists, so
  * that it is neither retried forever nor holds its space.  Returns how many.
+ * Never while the database's worker is attached: it may be reading the
+ * entries in place (queue_take), and DROP DATABASE cannot have committed
+ * while it was connected.
  */
 int64
 queue_discard_database(Oid dbid)
@@ -774,6 +926,12 @@ queue_discard_database(Oid dbid)
 	int64		n = 0;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
+	db = queue_database_slot(dbid, false);
+	if (db != NULL && db->worker_latch != NULL)
+	{
+		LWLockRelease(q->lock);
+		return 0;
+	}
 	for (uint64 pos = q->head_pos; pos < q->reserve_pos; pos += hdr.size)
 	{
 		ring_read(pos, &hdr, sizeof(hdr));
@@ -783,7 +941,6 @@ queue_discard_database(Oid dbid)
 			n++;
 		}
 	}
-	db = queue_database_slot(dbid, false);
 	if (db != NULL)
 	{
 		db->pending = 0;

@@ -604,9 +604,7 @@ recovery_report_progress(void)
 void
 recovery_reconcile(void)
 {
-	DeferredEntry **entries;
-	uint64	   *positions;
-	int			n;
+	QueueTake	take = {0};
 	int64		done = 0;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
@@ -616,23 +614,24 @@ recovery_reconcile(void)
 	cxt = AllocSetContextCreate(TopMemoryContext, "athena_deferred reconcile",
 								ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(cxt);
-	n = queue_collect(&entries, &positions, INT_MAX, true);
-	for (int i = 0; i < n; i++)
+	take.cxt = cxt;
+	queue_take(&take, INT_MAX);
+	for (int i = 0; i < take.n; i++)
 	{
-		DeferredEntry *e = entries[i];
+		const DeferredEntry *e = take.entries[i];
 		int			ri = retry_index(&worker_progress, e->qseq);
 
 		if (ri >= 0)
-			e->attempts = Max(e->attempts,
-							  Min(Max(worker_progress.retry_attempts[ri], 0), ENTRY_MAX_ATTEMPTS));
+			take.attempts[i] = Max(e->attempts,
+								   Min(Max(worker_progress.retry_attempts[ri], 0), ENTRY_MAX_ATTEMPTS));
 		else if (e->qseq < worker_progress.applied_upto)
 		{
-			e->state = ENTRY_DONE;
+			take.states[i] = ENTRY_DONE;
 			done++;
 		}
 	}
-	if (n > 0)
-		queue_settle(positions, entries, n, done, 0, 0, -1);
+	if (take.n > 0)
+		queue_settle(&take, done, 0, 0, -1);
 	if (done > 0)
 		ereport(LOG,
 				(errmsg("athena_deferred: " INT64_FORMAT " entries had been applied by a flush before the restart",

@@ -38,9 +38,9 @@
  * row locks held until it commits, and updates and deletes, one statement
  * each, run an order of magnitude slower.  So the limit follows the speed
  * of the last full flush, aiming at FLUSH_TARGET_MS of work, between
- * FLUSH_MIN_ENTRIES and FLUSH_MAX_ENTRIES.  Memory: the flush copies the
- * entries it takes, no more than the queue holds (queue_size), plus 16
- * bytes an entry.
+ * FLUSH_MIN_ENTRIES and FLUSH_MAX_ENTRIES.  Memory: the flush reads the
+ * entries where they lie in the queue (copying only one that wraps around
+ * the ring's end) and keeps 21 bytes an entry taken, from flush to flush.
  */
 #define FLUSH_MIN_ENTRIES	10000
 #define FLUSH_MAX_ENTRIES	1000000
