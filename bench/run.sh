@@ -33,7 +33,8 @@
 #   BENCH_KEEP        1: keep the temporary directory (logs, cluster) [0]
 #   BENCH_SKIP_SETUP  1: do not build and install the extension first [0]
 #   BENCH_ONLY        comma list of the rows to run [all]: idle (deferred_insert,
-#                     wal_sync = batch, against SELECT 1), always (wal_sync =
+#                     wal_sync = batch, against SELECT 1; also the call with
+#                     the row built in SQL, and that building alone), always (wal_sync =
 #                     always, against INSERT), worker (worker flushing, against
 #                     INSERT with synchronous_commit = off), scaling, flush
 #                     (deferred_flush() against COPY), shmem (shared memory per
