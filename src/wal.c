@@ -617,8 +617,9 @@ record_append(const DeferredEntry *e, TransactionId xid, Size off)
 
 /*
  * Log a committing transaction's entries (already given their qseq) with
- * one write; xid is the transaction's, if it has one.  Returns the position the log must be flushed to for them to
- * be durable, or 0 when the log is disabled.
+ * one write; xid is the transaction's, if it has one.  Returns the
+ * position the log must be flushed to for them to be durable, or 0 when the
+ * log is disabled.
  */
 uint64
 wal_append(DeferredEntry **entries, int nentries, TransactionId xid)
