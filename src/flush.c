@@ -80,9 +80,6 @@
 /* Prepared statements kept for entries applied one by one */
 #define STATEMENT_CACHE_SIZE 64
 
-/* COPY data prepared ahead of the COPY's reads, in bytes */
-#define COPY_FEED_CHUNK 65536
-
 static MemoryContext flush_context = NULL;
 
 /* The entries of the flush at hand, read in place in the ring (queue.c) */
@@ -542,6 +539,9 @@ typedef struct CopyFeed
 	int			ncols;
 	char	  **colnames;
 	bool	   *quote_strings;	/* per column: re-quote JSON strings */
+	char	  **qnames;			/* per column: its name as a JSON string,
+								 * quotes included, as the rows write it */
+	int		   *qlen;
 	int		   *valstart;		/* per column: offset of the current row's
 								 * value in rowbuf, or -1 for NULL */
 	int		   *vallen;
@@ -985,20 +985,332 @@ feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 	return true;
 }
 
-/* Convert the rows of one entry into COPY lines */
+
+/*
+ * The fast path, for what nearly every entry is: JsonbToCString() output
+ * whose rows name exactly the batch's columns, in the batch's order (rows
+ * of one batch have the same keys, and jsonb orders keys the same way in
+ * every row), and whose strings hold no backslash.  Its output is exactly
+ * what feed_entry_plain() gives for such text, written straight into the
+ * destination without per-row buffers: each key is checked to be the one
+ * expected in its place with one memcmp, and the end of a string is found
+ * eight bytes at a time.  Anything else (a key out of place, missing or
+ * extra, a backslash, a control character, malformed text, too little
+ * room) makes it give up, -1, and the entry goes the general way, which
+ * converts it or reports its error.
+ */
+
+/* Does the 8-byte word hold a byte that is '"', '\\' or below 0x20? */
+#define SWAR_ONES	UINT64CONST(0x0101010101010101)
+#define SWAR_HIGHS	UINT64CONST(0x8080808080808080)
+#define SWAR_HASZERO(v) (((v) - SWAR_ONES) & ~(v) & SWAR_HIGHS)
+
+static inline bool
+fast_word_special(uint64 v)
+{
+	return (SWAR_HASZERO(v ^ (SWAR_ONES * '"')) |
+			SWAR_HASZERO(v ^ (SWAR_ONES * '\\')) |
+			((v - SWAR_ONES * 0x20) & ~v & SWAR_HIGHS)) != 0;
+}
+
+/*
+ * p just past a string's opening quote: its closing quote, or NULL if a
+ * backslash or a control character comes first, or it has no end
+ */
+static inline const char *
+fast_string_end(const char *p, const char *end)
+{
+	while (end - p >= 8)
+	{
+		uint64		v;
+
+		memcpy(&v, p, 8);
+		if (fast_word_special(v))
+			break;
+		p += 8;
+	}
+	for (; p < end; p++)
+	{
+		unsigned char c = (unsigned char) *p;
+
+		if (c == '"')
+			return p;
+		if (c == '\\' || c < 0x20)
+			return NULL;
+	}
+	return NULL;
+}
+
+static inline const char *
+fast_skip_space(const char *p, const char *end)
+{
+	/* JsonbToCString() writes one space after ':' and ',', none elsewhere */
+	if (likely(p < end) && *p == ' ')
+		p++;
+	if (unlikely(p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')))
+		return plain_skip_space(p, end);
+	return p;
+}
+
+static inline bool
+fast_number_char(char c)
+{
+	return (c >= '0' && c <= '9') || c == '-' || c == '+' || c == '.' ||
+		c == 'e' || c == 'E';
+}
+
+/*
+ * Convert the entry's text [p, end) into COPY lines at dst, at most dend;
+ * bytes written, or -1 (nothing of it counts) to leave it to the general way
+ */
+static int
+feed_entry_fast(CopyFeed *f, const char *p, const char *end, char *dst,
+				const char *dend)
+{
+	char	   *d = dst;
+
+	p = plain_skip_space(p, end);
+	if (p >= end || *p != '[')
+		return -1;
+	p = fast_skip_space(p + 1, end);
+	for (;;)
+	{
+		if (p >= end || *p != '{')
+			return -1;
+		p++;
+		for (int col = 0; col < f->ncols; col++)
+		{
+			int			qlen = f->qlen[col];
+			const char *v;
+
+			/* the key: "name", as expected in this place */
+			p = fast_skip_space(p, end);
+			if (end - p < qlen || memcmp(p, f->qnames[col], qlen) != 0)
+				return -1;
+			p = fast_skip_space(p + qlen, end);
+			if (p >= end || *p != ':')
+				return -1;
+			p = fast_skip_space(p + 1, end);
+			if (p >= end)
+				return -1;
+
+			if (col > 0)
+			{
+				if (d >= dend)
+					return -1;
+				*d++ = '\t';
+			}
+
+			/* the value, as feed_entry_plain() (plain_value) writes it */
+			v = p;
+			switch (*p)
+			{
+				case '"':
+					{
+						const char *q = fast_string_end(p + 1, end);
+						bool		quote = f->quote_strings[col];
+						int			len;
+
+						if (q == NULL)
+							return -1;
+						/* the string's bytes, with its quotes or without */
+						if (!quote)
+							v++;
+						len = (q - v) + (quote ? 1 : 0);
+						if (dend - d < len)
+							return -1;
+						memcpy(d, v, len);
+						d += len;
+						p = q + 1;
+					}
+					break;
+
+				case 'n':
+					if (end - p < 4 || memcmp(p, "null", 4) != 0 || dend - d < 2)
+						return -1;
+					*d++ = '\\';
+					*d++ = 'N';
+					p += 4;
+					break;
+
+				case 't':
+				case 'f':
+					{
+						int			len = (*p == 't') ? 4 : 5;
+
+						if (end - p < len ||
+							memcmp(p, (*p == 't') ? "true" : "false", len) != 0 ||
+							dend - d < len)
+							return -1;
+						memcpy(d, p, len);
+						d += len;
+						p += len;
+					}
+					break;
+
+				case '{':
+				case '[':
+					{
+						int			depth = 0;
+
+						do
+						{
+							if (p >= end)
+								return -1;
+							if (*p == '"')
+							{
+								p = fast_string_end(p + 1, end);
+								if (p == NULL)
+									return -1;
+							}
+							else if (*p == '{' || *p == '[')
+								depth++;
+							else if (*p == '}' || *p == ']')
+								depth--;
+							p++;
+						} while (depth > 0);
+
+						/* escaped for COPY, as append_copy_text() does */
+						for (; v < p; v++)
+						{
+							char		c = *v;
+							char		e;
+
+							switch (c)
+							{
+								case '\\':
+									e = '\\';
+									break;
+								case '\t':
+									e = 't';
+									break;
+								case '\n':
+									e = 'n';
+									break;
+								case '\r':
+									e = 'r';
+									break;
+								default:
+									if (d >= dend)
+										return -1;
+									*d++ = c;
+									continue;
+							}
+							if (dend - d < 2)
+								return -1;
+							*d++ = '\\';
+							*d++ = e;
+						}
+					}
+					break;
+
+				default:
+					{
+						const char *num = p;
+						bool		valid;
+
+						/* -?(0|[1-9][0-9]*) here; anything else as plain_value() */
+						if (*p == '-')
+							p++;
+						if (p < end && *p == '0')
+							p++;
+						else if (p < end && *p >= '1' && *p <= '9')
+						{
+							for (p++; p < end && *p >= '0' && *p <= '9'; p++)
+								;
+						}
+						else
+							p = num;
+						valid = (p > num && (p >= end || !fast_number_char(*p)));
+						if (!valid)
+						{
+							for (p = num; p < end && fast_number_char(*p); p++)
+								;
+							if (p == num || !IsValidJsonNumber(num, p - num))
+								return -1;
+						}
+						if (dend - d < p - num)
+							return -1;
+						memcpy(d, num, p - num);
+						d += p - num;
+					}
+					break;
+			}
+
+			p = fast_skip_space(p, end);
+			if (p >= end || *p != (col < f->ncols - 1 ? ',' : '}'))
+				return -1;
+			p++;
+		}
+		if (d >= dend)
+			return -1;
+		*d++ = '\n';
+
+		p = fast_skip_space(p, end);
+		if (p < end && *p == ']')
+			break;
+		if (p >= end || *p != ',')
+			return -1;
+		p = fast_skip_space(p + 1, end);
+	}
+	if (plain_skip_space(p + 1, end) != end)
+		return -1;
+	return d - dst;
+}
+
+/* Room feed_entry_fast() needs at most for an entry's rows */
+static inline int64
+feed_bound(const DeferredPart *part)
+{
+	/*
+	 * Each value's text becomes at most twice as long (COPY escapes of
+	 * nested values), a row's tabs and newline are no more than its commas
+	 * and closing brace.
+	 */
+	return 2 * (int64) part->textlen + 16;
+}
+
+/*
+ * Convert the rows of one entry into COPY lines appended to out: the fast
+ * way unless it was tried already, else without PostgreSQL's lexer unless
+ * the text holds a backslash, else with it
+ */
 static void
-feed_entry(CopyFeed *f, const DeferredEntry *entry)
+feed_entry(CopyFeed *f, const DeferredEntry *entry, bool tried_fast)
 {
 	const DeferredPart *part = entry_first_part(entry);
 	const char *text = part_text(part);
 	int			start = f->out.len;
 
+	if (!tried_fast)
+	{
+		int64		bound = feed_bound(part);
+		int			n;
+
+		if (bound < (int64) MaxAllocSize - start)
+		{
+			enlargeStringInfo(&f->out, (int) bound);
+			n = feed_entry_fast(f, text, text + part->textlen, f->out.data + start,
+								f->out.data + f->out.maxlen - 1);
+			if (n >= 0)
+			{
+				f->out.len += n;
+				f->out.data[f->out.len] = '\0';
+				return;
+			}
+		}
+	}
 	if (!feed_entry_plain(f, text, text + part->textlen))
 	{
+		MemoryContext oldcxt;
+
 		/* a backslash: the entry's rows again, from the start */
 		f->out.len = start;
 		f->out.data[start] = '\0';
+		MemoryContextReset(f->lexcxt);
+		oldcxt = MemoryContextSwitchTo(f->lexcxt);
 		feed_entry_lexer(f, part);
+		MemoryContextSwitchTo(oldcxt);
 	}
 }
 
@@ -1283,40 +1595,53 @@ part_columns(const DeferredPart *part, KeyList *cols)
 
 /*
  * COPY's data source: hand over up to maxread bytes of rows, converting
- * entries as needed; 0 at the end of the batch.
+ * entries as needed; 0 at the end of the batch.  Entries are converted
+ * straight into COPY's buffer while there is room for them; one that might
+ * not fit goes through out, whence it is handed over in pieces.
  */
 static int
 copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
 {
 	CopyFeed   *f = copy_feed;
+	char	   *dst = outbuf;
 	int			done = 0;
 
 	Assert(f != NULL);
 	while (done < maxread)
 	{
 		int			avail = f->out.len - f->outpos;
+		const DeferredEntry *entry;
+		bool		tried_fast = false;
 
-		if (avail == 0)
+		if (avail > 0)
 		{
-			MemoryContext oldcxt;
-
-			if (f->next >= f->count)
-				break;
-			resetStringInfo(&f->out);
-			f->outpos = 0;
-			oldcxt = MemoryContextSwitchTo(f->lexcxt);
-			while (f->next < f->count && f->out.len < COPY_FEED_CHUNK)
-			{
-				MemoryContextReset(f->lexcxt);
-				feed_entry(f, f->batch[f->next++]);
-			}
-			MemoryContextSwitchTo(oldcxt);
+			avail = Min(avail, maxread - done);
+			memcpy(dst + done, f->out.data + f->outpos, avail);
+			f->outpos += avail;
+			done += avail;
 			continue;
 		}
-		avail = Min(avail, maxread - done);
-		memcpy((char *) outbuf + done, f->out.data + f->outpos, avail);
-		f->outpos += avail;
-		done += avail;
+		if (f->next >= f->count)
+			break;
+		entry = f->batch[f->next++];
+		if (feed_bound(entry_first_part(entry)) <= maxread - done)
+		{
+			const DeferredPart *part = entry_first_part(entry);
+			const char *text = part_text(part);
+			int			n;
+
+			n = feed_entry_fast(f, text, text + part->textlen, dst + done,
+								dst + maxread);
+			if (n >= 0)
+			{
+				done += n;
+				continue;
+			}
+			tried_fast = true;
+		}
+		resetStringInfo(&f->out);
+		f->outpos = 0;
+		feed_entry(f, entry, tried_fast);
 	}
 	return done;
 }
@@ -1429,6 +1754,18 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	f->quote_strings = palloc(sizeof(bool) * ncols);
 	f->valstart = palloc(sizeof(int) * ncols);
 	f->vallen = palloc(sizeof(int) * ncols);
+	f->qnames = palloc(sizeof(char *) * ncols);
+	f->qlen = palloc(sizeof(int) * ncols);
+	for (int i = 0; i < ncols; i++)
+	{
+		StringInfoData qname;
+
+		/* as JsonbToCString() writes a key */
+		initStringInfo(&qname);
+		escape_json(&qname, f->colnames[i]);
+		f->qnames[i] = qname.data;
+		f->qlen[i] = qname.len;
+	}
 	attnums = palloc(sizeof(AttrNumber) * ncols);
 	for (int i = 0; i < ncols; i++)
 		attnamelist = lappend(attnamelist, makeString(f->colnames[i]));
