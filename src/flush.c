@@ -105,6 +105,7 @@ typedef struct PartKeys
 } PartKeys;
 
 static bool part_keys(const DeferredPart *part, PartKeys *keys);
+static bool keys_same_fast(const DeferredPart *part, const PartKeys *keys);
 static void part_columns(const DeferredPart *part, KeyList *cols);
 
 /* Append "col1, col2" or "p.col1, p.col2" for the columns */
@@ -485,7 +486,8 @@ batchable(const DeferredEntry *a, const PartKeys *akeys, const DeferredEntry *b,
 {
 	return b->op == DEFERRED_INSERT && b->nparts == 1 &&
 		a->relid == b->relid && a->roleid == b->roleid &&
-		part_keys(entry_first_part(b), bkeys) && same_keys(akeys, bkeys);
+		(keys_same_fast(entry_first_part(b), akeys) ||
+		 (part_keys(entry_first_part(b), bkeys) && same_keys(akeys, bkeys)));
 }
 
 /* Insert a batch with INSERT ... SELECT FROM json_populate_recordset() */
@@ -1000,6 +1002,12 @@ feed_entry_plain(CopyFeed *f, const char *p, const char *end)
  * converts it or reports its error.
  */
 
+#if defined(__GNUC__)
+#define feed_prefetch(p) __builtin_prefetch(p)
+#else
+#define feed_prefetch(p) ((void) 0)
+#endif
+
 /* Does the 8-byte word hold a byte that is '"', '\\' or below 0x20? */
 #define SWAR_ONES	UINT64CONST(0x0101010101010101)
 #define SWAR_HIGHS	UINT64CONST(0x8080808080808080)
@@ -1052,6 +1060,39 @@ fast_skip_space(const char *p, const char *end)
 	return p;
 }
 
+/* memcmp() == 0 for the few bytes of a key, without a call */
+static inline bool
+fast_equal(const char *a, const char *b, int len)
+{
+	for (; len >= 8; a += 8, b += 8, len -= 8)
+	{
+		uint64		x,
+					y;
+
+		memcpy(&x, a, 8);
+		memcpy(&y, b, 8);
+		if (x != y)
+			return false;
+	}
+	if (len >= 4)
+	{
+		uint32		x,
+					y;
+
+		memcpy(&x, a, 4);
+		memcpy(&y, b, 4);
+		if (x != y)
+			return false;
+		a += 4;
+		b += 4;
+		len -= 4;
+	}
+	for (; len > 0; a++, b++, len--)
+		if (*a != *b)
+			return false;
+	return true;
+}
+
 static inline bool
 fast_number_char(char c)
 {
@@ -1085,7 +1126,7 @@ feed_entry_fast(CopyFeed *f, const char *p, const char *end, char *dst,
 
 			/* the key: "name", as expected in this place */
 			p = fast_skip_space(p, end);
-			if (end - p < qlen || memcmp(p, f->qnames[col], qlen) != 0)
+			if (end - p < qlen || !fast_equal(p, f->qnames[col], qlen))
 				return -1;
 			p = fast_skip_space(p + qlen, end);
 			if (p >= end || *p != ':')
@@ -1256,6 +1297,69 @@ feed_entry_fast(CopyFeed *f, const char *p, const char *end, char *dst,
 	if (plain_skip_space(p + 1, end) != end)
 		return -1;
 	return d - dst;
+}
+
+/*
+ * Does the first row of a PART_ROWS part surely have exactly keys' keys, in
+ * their order?  A quick check for batchable(), in the manner of
+ * feed_entry_fast(): false whenever it is not sure (a key or a string with
+ * a backslash, a nested value, anything unexpected), and part_keys() then
+ * reads the keys as usual.  Compares the keys' text as the part writes
+ * them, which for keys without a backslash is the key itself.
+ */
+static bool
+keys_same_fast(const DeferredPart *part, const PartKeys *keys)
+{
+	const char *p = part_text(part);
+	const char *end = p + part->textlen;
+
+	if (part->kind != PART_ROWS)
+		return false;
+	p = plain_skip_space(p, end);
+	if (p >= end || *p != '[')
+		return false;
+	p = fast_skip_space(p + 1, end);
+	if (p >= end || *p != '{')
+		return false;
+	p++;
+	for (int i = 0; i < keys->nkeys; i++)
+	{
+		int			len = keys->len[i];
+		const char *value;
+
+		p = fast_skip_space(p, end);
+		if (end - p < len + 2 || p[0] != '"' || p[len + 1] != '"' ||
+			!fast_equal(p + 1, keys->name[i], len))
+			return false;
+		p = fast_skip_space(p + len + 2, end);
+		if (p >= end || *p != ':')
+			return false;
+		p = fast_skip_space(p + 1, end);
+		if (p >= end)
+			return false;
+		value = p;
+		if (*p == '"')
+		{
+			p = fast_string_end(p + 1, end);
+			if (p == NULL)
+				return false;
+			p++;
+		}
+		else
+		{
+			while (p < end && *p != ',' && *p != '}' && *p != ' ' &&
+				   *p != '{' && *p != '[' && *p != '"' && *p != '\\' &&
+				   (unsigned char) *p >= 0x20)
+				p++;
+			if (p == value || (p < end && (*p == '{' || *p == '[' || *p == '"' || *p == '\\')))
+				return false;
+		}
+		p = fast_skip_space(p, end);
+		if (p >= end || *p != (i < keys->nkeys - 1 ? ',' : '}'))
+			return false;
+		p++;
+	}
+	return keys->nkeys > 0;
 }
 
 /* Room feed_entry_fast() needs at most for an entry's rows */
@@ -1624,6 +1728,14 @@ copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
 		if (f->next >= f->count)
 			break;
 		entry = f->batch[f->next++];
+		if (f->next + 1 < f->count)
+		{
+			/* the entry after next, from the ring: header and text */
+			const char *ahead = (const char *) f->batch[f->next + 1];
+
+			feed_prefetch(ahead);
+			feed_prefetch(ahead + 64);
+		}
 		if (feed_bound(entry_first_part(entry)) <= maxread - done)
 		{
 			const DeferredPart *part = entry_first_part(entry);
