@@ -304,8 +304,35 @@ SELECT plain_keys_ref::text AS only_in_statements FROM plain_keys_ref
 EXCEPT SELECT plain_keys::text FROM plain_keys;
 SELECT * FROM plain_keys ORDER BY id;
 
+-- Where batches end: at another set of columns, another table, another
+-- role, an entry of several parts (applied alone, a statement per part).
+-- The statement triggers fire once per batch, in order.  (The COPY feed
+-- finds where a batch ends as it goes.)
+CREATE TABLE ends_a (n serial, id int, v int);
+CREATE TABLE ends_b (id int);
+GRANT INSERT ON ends_a TO athena_copier;
+GRANT USAGE ON SEQUENCE ends_a_n_seq TO athena_copier;
+CREATE TRIGGER ends_a_path AFTER INSERT ON ends_a FOR EACH STATEMENT EXECUTE FUNCTION log_path();
+CREATE TRIGGER ends_b_path AFTER INSERT ON ends_b FOR EACH STATEMENT EXECUTE FUNCTION log_path();
+TRUNCATE path_log;
+SELECT count(*) FROM (
+    SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(1, 3) AS g
+    UNION ALL SELECT deferred_insert('ends_a', jsonb_build_object('id', g)) FROM generate_series(4, 5) AS g
+    UNION ALL SELECT deferred_insert('ends_b', jsonb_build_object('id', g)) FROM generate_series(6, 7) AS g
+    UNION ALL SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(8, 10) AS g
+    UNION ALL SELECT deferred_insert('ends_a', '[{"id": 11, "v": 11}, {"id": 12}]')
+    UNION ALL SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(13, 14) AS g) AS queued;
+SET ROLE athena_copier;
+SELECT count(*) FROM (SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(15, 16) AS g) AS queued;
+RESET ROLE;
+SELECT count(*) FROM (SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(17, 19) AS g) AS queued;
+SELECT deferred_flush();
+SELECT n, id, v FROM ends_a ORDER BY n;
+SELECT * FROM ends_b ORDER BY id;
+SELECT tab, who FROM path_log ORDER BY n;
+
 DROP TABLE typed, typed_ref, samples, quoted, arrays, arrays_ref, owned, colpriv, hidden.t, guarded,
-    ident, ruled, rule_log, dom_default, big, plain_keys, plain_keys_ref, path_log;
+    ident, ruled, rule_log, dom_default, big, plain_keys, plain_keys_ref, ends_a, ends_b, path_log;
 DROP SCHEMA hidden;
 DROP FUNCTION log_path(), stamp_who();
 DROP TYPE mood, pair;

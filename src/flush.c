@@ -538,6 +538,11 @@ typedef struct CopyFeed
 	DeferredEntry **batch;
 	int			count;
 	int			next;			/* next entry to convert */
+	const PartKeys *head;		/* NULL, or: the batch's extent is not known
+								 * yet, it ends before the first entry
+								 * (past the second) that is not batchable
+								 * with batch[0], whose keys these are */
+	PartKeys	keys;			/* scratch for batchable() */
 	int			ncols;
 	char	  **colnames;
 	bool	   *quote_strings;	/* per column: re-quote JSON strings */
@@ -1698,6 +1703,21 @@ part_columns(const DeferredPart *part, KeyList *cols)
 }
 
 /*
+ * While the batch's extent is not known (f->head), entries past the second
+ * join it as batchable() says.  Their headers are checked first; their
+ * keys need no check when their rows convert the fast way, which they do
+ * only if their keys are the batch's columns in order.
+ */
+static inline bool
+feed_header_joins(const CopyFeed *f, const DeferredEntry *entry)
+{
+	const DeferredEntry *first = f->batch[0];
+
+	return entry->op == DEFERRED_INSERT && entry->nparts == 1 &&
+		entry->relid == first->relid && entry->roleid == first->roleid;
+}
+
+/*
  * COPY's data source: hand over up to maxread bytes of rows, converting
  * entries as needed; 0 at the end of the batch.  Entries are converted
  * straight into COPY's buffer while there is room for them; one that might
@@ -1715,6 +1735,7 @@ copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
 	{
 		int			avail = f->out.len - f->outpos;
 		const DeferredEntry *entry;
+		bool		lazy;
 		bool		tried_fast = false;
 
 		if (avail > 0)
@@ -1727,11 +1748,17 @@ copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
 		}
 		if (f->next >= f->count)
 			break;
-		entry = f->batch[f->next++];
-		if (f->next + 1 < f->count)
+		entry = f->batch[f->next];
+		lazy = (f->head != NULL && f->next >= 2);
+		if (lazy && !feed_header_joins(f, entry))
+		{
+			f->count = f->next; /* the batch ends here */
+			break;
+		}
+		if (f->next + 2 < f->count)
 		{
 			/* the entry after next, from the ring: header and text */
-			const char *ahead = (const char *) f->batch[f->next + 1];
+			const char *ahead = (const char *) f->batch[f->next + 2];
 
 			feed_prefetch(ahead);
 			feed_prefetch(ahead + 64);
@@ -1746,11 +1773,18 @@ copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
 								dst + maxread);
 			if (n >= 0)
 			{
+				f->next++;
 				done += n;
 				continue;
 			}
 			tried_fast = true;
 		}
+		if (lazy && !batchable(f->batch[0], f->head, entry, &f->keys))
+		{
+			f->count = f->next; /* the batch ends here */
+			break;
+		}
+		f->next++;
 		resetStringInfo(&f->out);
 		f->outpos = 0;
 		feed_entry(f, entry, tried_fast);
@@ -1833,7 +1867,8 @@ copy_serves(Relation rel, char **colnames, int ncols, AttrNumber *attnums,
  * target and runs as the queuing role.
  */
 static bool
-insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
+insert_by_copy(DeferredEntry **batch, int count, int64 *rows,
+			   const PartKeys *head, int *consumed)
 {
 	KeyList		cols;
 	int			ncols;
@@ -1861,6 +1896,8 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	f = palloc0(sizeof(CopyFeed));
 	f->batch = batch;
 	f->count = count;
+	f->head = head;
+	f->keys.cxt = copycxt;
 	f->ncols = ncols;
 	f->colnames = cols.names;
 	f->quote_strings = palloc(sizeof(bool) * ncols);
@@ -1922,6 +1959,8 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	EndCopyFrom(cstate);
 	PopActiveSnapshot();
 	CommandCounterIncrement();
+	if (consumed != NULL)
+		*consumed = f->count;
 
 	copy_feed = NULL;
 	table_close(rel, NoLock);
@@ -1931,11 +1970,23 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	return true;
 }
 
-/* Apply a batch (one entry, or batchable inserts) to relname; rows touched */
+/*
+ * Apply a batch (one entry, or batchable inserts) to relname; rows touched.
+ * With head (see settle_batch_lazy): by COPY only, as many of the entries
+ * as form a batch, which says consumed; 0 if COPY cannot serve it.
+ */
 static int64
-apply_batch(DeferredEntry **batch, int count, const char *relname)
+apply_batch(DeferredEntry **batch, int count, const char *relname,
+			const PartKeys *head, int *consumed)
 {
 	int64		touched = 0;
+
+	if (head != NULL)
+	{
+		if (!insert_by_copy(batch, count, &touched, head, consumed))
+			*consumed = 0;
+		return touched;
+	}
 
 	if (count == 1)
 	{
@@ -1943,7 +1994,7 @@ apply_batch(DeferredEntry **batch, int count, const char *relname)
 		return touched;
 	}
 
-	if (insert_by_copy(batch, count, &touched))
+	if (insert_by_copy(batch, count, &touched, NULL, NULL))
 		return touched;
 
 	for (int i = 0; i < count; i += FLUSH_STATEMENT_ENTRIES)
@@ -1956,6 +2007,8 @@ typedef struct BatchArgs
 	DeferredEntry **batch;
 	int			count;
 	int64		rows;			/* out: rows touched */
+	const PartKeys *head;		/* see apply_batch */
+	int			consumed;		/* out, with head */
 } BatchArgs;
 
 /* Apply a batch as its queuing role; run in a subtransaction */
@@ -1988,7 +2041,7 @@ apply_batch_as_role(void *arg)
 	SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
 	if (deferred_statement_timeout_ms > 0)
 		enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
-	a->rows = apply_batch(a->batch, a->count, relname);
+	a->rows = apply_batch(a->batch, a->count, relname, a->head, &a->consumed);
 	disable_timeout(STATEMENT_TIMEOUT, false);
 	/* a cancel the timer raised just before it was disabled fails this batch */
 	CHECK_FOR_INTERRUPTS();
@@ -2003,7 +2056,7 @@ apply_batch_as_role(void *arg)
 static ErrorData *
 apply_in_subxact(DeferredEntry **batch, int count, NotifyTally *tally)
 {
-	BatchArgs	args = {batch, count, 0};
+	BatchArgs	args = {batch, count, 0, NULL, 0};
 	ErrorData  *edata = run_in_subxact(apply_batch_as_role, &args);
 
 	if (edata != NULL)
@@ -2079,6 +2132,38 @@ settle_batch(DeferredEntry **batch, int count, FlushOutcome *out)
 		settle_batch(batch, count / 2, out);
 		settle_batch(batch + count / 2, count - count / 2, out);
 	}
+}
+
+/*
+ * Apply by one COPY the batch that starts at batch[0] (whose keys are head)
+ * and batch[1] (batchable with it), among the next count entries, without
+ * reading the keys of the others first: the COPY feed ends the batch at the
+ * first entry that cannot join it (see copy_feed_read), so the batch is the
+ * one flush_run() would have formed.  Returns how many entries it settled;
+ * 0 if it did nothing: COPY cannot serve the batch or it failed (rolled
+ * back), and the caller forms the batch and settles it as usual.
+ */
+static int
+settle_batch_lazy(DeferredEntry **batch, int count, const PartKeys *head,
+				  FlushOutcome *out)
+{
+	BatchArgs	args = {batch, count, 0, head, 0};
+	ErrorData  *edata = run_in_subxact(apply_batch_as_role, &args);
+	int			first = batch - out->take->entries;
+
+	if (edata != NULL)
+	{
+		disable_timeout(STATEMENT_TIMEOUT, false);
+		FreeErrorData(edata);
+		return 0;
+	}
+	if (args.consumed == 0)
+		return 0;
+	Assert(args.consumed >= 2 && args.consumed <= count);
+	notify_tally_add(out->tally, batch[0]->relid, batch[0]->op, args.consumed, args.rows);
+	memset(out->take->states + first, ENTRY_DONE, args.consumed);
+	out->applied += args.consumed;
+	return args.consumed;
 }
 
 /* Name of the extension's schema, or NULL if it is not installed here */
@@ -2191,6 +2276,16 @@ flush_run(int max_entries, int *settled)
 			j = i + 1;
 			if (batch_head(entries[i], &head))
 			{
+				int			done;
+
+				if (j < n && batchable(entries[i], &head, entries[j], &next) &&
+					(done = settle_batch_lazy(entries + i,
+											  Min(n - i, FLUSH_BATCH_ENTRIES),
+											  &head, &out)) > 0)
+				{
+					j = i + done;
+					continue;
+				}
 				while (j < n && j - i < FLUSH_BATCH_ENTRIES &&
 					   batchable(entries[i], &head, entries[j], &next))
 					j++;
