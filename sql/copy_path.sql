@@ -267,8 +267,72 @@ SELECT payload, attempts, sqlstate FROM deferred_dead_letters WHERE target = 'pu
 -- the successful halves went through COPY
 SELECT bool_and(via_copy) AS all_copy FROM path_log WHERE tab = 'big';
 
+-- Rows whose values hold no backslash are converted straight into COPY's
+-- buffer, each key checked to be the expected column's name as the row
+-- writes it: column names that JSON escapes (a tab, a backslash, a quote)
+-- or that are not ASCII, entries of several rows, each plain kind of value,
+-- json columns given strings; the same rows as the statements give.
+CREATE TABLE plain_keys (id int, "tab	col" text, "back\slash" text, "qu""ote" jsonb,
+                         "é" numeric, j json, b boolean, n bigint);
+CREATE TABLE plain_keys_ref (LIKE plain_keys);
+CREATE TRIGGER plain_keys_path AFTER INSERT ON plain_keys FOR EACH STATEMENT EXECUTE FUNCTION log_path();
+TRUNCATE path_log;
+TRUNCATE samples;
+INSERT INTO samples VALUES
+ (1, jsonb_build_object('id', 1, E'tab\tcol', 'plain', 'back\slash', 'x y', 'qu"ote', 'str',
+                        'é', 0, 'j', '{"a": [1, "b", null], "e": {}}'::jsonb, 'b', true, 'n', -0)),
+ (2, jsonb_build_array(
+       jsonb_build_object('id', 2, E'tab\tcol', '', 'back\slash', ' ', 'qu"ote', 'null',
+                          'é', 1.50, 'j', 'a string', 'b', false, 'n', 9007199254740993),
+       jsonb_build_object('id', 3, E'tab\tcol', 'é€😀', 'back\slash', 'a,b}', 'qu"ote', '[]'::jsonb,
+                          'é', '-3e5'::numeric, 'j', '[[], [{}], "x y"]'::jsonb, 'b', null, 'n', -1),
+       jsonb_build_object('id', 4, E'tab\tcol', null, 'back\slash', null, 'qu"ote', null,
+                          'é', null, 'j', null, 'b', null, 'n', null))),
+ (3, jsonb_build_object('id', 5, E'tab\tcol', '{[', 'back\slash', 'true', 'qu"ote', 12.5,
+                        'é', 123456789012345678901234567890.000001, 'j', 'é', 'b', 'true'::jsonb, 'n', 0)),
+ (4, jsonb_build_object('id', 6, E'tab\tcol', 'one\ttab', 'back\slash', 'x\y', 'qu"ote', '"',
+                        'é', '1e-3'::numeric, 'j', '{"k": "a\nb"}'::jsonb, 'b', false, 'n', 7));
+SELECT count(*) FROM (SELECT deferred_insert('plain_keys', r) FROM samples ORDER BY k) AS queued;
+SELECT deferred_flush();
+SET athena_deferred.enabled = off;
+SELECT count(*) FROM (SELECT deferred_insert('plain_keys_ref', r) FROM samples ORDER BY k) AS applied;
+RESET athena_deferred.enabled;
+SELECT tab, via_copy, count(*) FROM path_log GROUP BY tab, via_copy;
+SELECT plain_keys::text AS only_in_copy FROM plain_keys
+EXCEPT SELECT plain_keys_ref::text FROM plain_keys_ref;
+SELECT plain_keys_ref::text AS only_in_statements FROM plain_keys_ref
+EXCEPT SELECT plain_keys::text FROM plain_keys;
+SELECT * FROM plain_keys ORDER BY id;
+
+-- Where batches end: at another set of columns, another table, another
+-- role, an entry of several parts (applied alone, a statement per part).
+-- The statement triggers fire once per batch, in order.  (The COPY feed
+-- finds where a batch ends as it goes.)
+CREATE TABLE ends_a (n serial, id int, v int);
+CREATE TABLE ends_b (id int);
+GRANT INSERT ON ends_a TO athena_copier;
+GRANT USAGE ON SEQUENCE ends_a_n_seq TO athena_copier;
+CREATE TRIGGER ends_a_path AFTER INSERT ON ends_a FOR EACH STATEMENT EXECUTE FUNCTION log_path();
+CREATE TRIGGER ends_b_path AFTER INSERT ON ends_b FOR EACH STATEMENT EXECUTE FUNCTION log_path();
+TRUNCATE path_log;
+SELECT count(*) FROM (
+    SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(1, 3) AS g
+    UNION ALL SELECT deferred_insert('ends_a', jsonb_build_object('id', g)) FROM generate_series(4, 5) AS g
+    UNION ALL SELECT deferred_insert('ends_b', jsonb_build_object('id', g)) FROM generate_series(6, 7) AS g
+    UNION ALL SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(8, 10) AS g
+    UNION ALL SELECT deferred_insert('ends_a', '[{"id": 11, "v": 11}, {"id": 12}]')
+    UNION ALL SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(13, 14) AS g) AS queued;
+SET ROLE athena_copier;
+SELECT count(*) FROM (SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(15, 16) AS g) AS queued;
+RESET ROLE;
+SELECT count(*) FROM (SELECT deferred_insert('ends_a', jsonb_build_object('id', g, 'v', g)) FROM generate_series(17, 19) AS g) AS queued;
+SELECT deferred_flush();
+SELECT n, id, v FROM ends_a ORDER BY n;
+SELECT * FROM ends_b ORDER BY id;
+SELECT tab, who FROM path_log ORDER BY n;
+
 DROP TABLE typed, typed_ref, samples, quoted, arrays, arrays_ref, owned, colpriv, hidden.t, guarded,
-    ident, ruled, rule_log, dom_default, big, path_log;
+    ident, ruled, rule_log, dom_default, big, plain_keys, plain_keys_ref, ends_a, ends_b, path_log;
 DROP SCHEMA hidden;
 DROP FUNCTION log_path(), stamp_who();
 DROP TYPE mood, pair;

@@ -80,9 +80,6 @@
 /* Prepared statements kept for entries applied one by one */
 #define STATEMENT_CACHE_SIZE 64
 
-/* COPY data prepared ahead of the COPY's reads, in bytes */
-#define COPY_FEED_CHUNK 65536
-
 static MemoryContext flush_context = NULL;
 
 /* The entries of the flush at hand, read in place in the ring (queue.c) */
@@ -108,6 +105,7 @@ typedef struct PartKeys
 } PartKeys;
 
 static bool part_keys(const DeferredPart *part, PartKeys *keys);
+static bool keys_same_fast(const DeferredPart *part, const PartKeys *keys);
 static void part_columns(const DeferredPart *part, KeyList *cols);
 
 /* Append "col1, col2" or "p.col1, p.col2" for the columns */
@@ -488,7 +486,8 @@ batchable(const DeferredEntry *a, const PartKeys *akeys, const DeferredEntry *b,
 {
 	return b->op == DEFERRED_INSERT && b->nparts == 1 &&
 		a->relid == b->relid && a->roleid == b->roleid &&
-		part_keys(entry_first_part(b), bkeys) && same_keys(akeys, bkeys);
+		(keys_same_fast(entry_first_part(b), akeys) ||
+		 (part_keys(entry_first_part(b), bkeys) && same_keys(akeys, bkeys)));
 }
 
 /* Insert a batch with INSERT ... SELECT FROM json_populate_recordset() */
@@ -539,9 +538,17 @@ typedef struct CopyFeed
 	DeferredEntry **batch;
 	int			count;
 	int			next;			/* next entry to convert */
+	const PartKeys *head;		/* NULL, or: the batch's extent is not known
+								 * yet, it ends before the first entry
+								 * (past the second) that is not batchable
+								 * with batch[0], whose keys these are */
+	PartKeys	keys;			/* scratch for batchable() */
 	int			ncols;
 	char	  **colnames;
 	bool	   *quote_strings;	/* per column: re-quote JSON strings */
+	char	  **qnames;			/* per column: its name as a JSON string,
+								 * quotes included, as the rows write it */
+	int		   *qlen;
 	int		   *valstart;		/* per column: offset of the current row's
 								 * value in rowbuf, or -1 for NULL */
 	int		   *vallen;
@@ -985,20 +992,434 @@ feed_entry_plain(CopyFeed *f, const char *p, const char *end)
 	return true;
 }
 
-/* Convert the rows of one entry into COPY lines */
+
+/*
+ * The fast path, for what nearly every entry is: JsonbToCString() output
+ * whose rows name exactly the batch's columns, in the batch's order (rows
+ * of one batch have the same keys, and jsonb orders keys the same way in
+ * every row), and whose strings hold no backslash.  Its output is exactly
+ * what feed_entry_plain() gives for such text, written straight into the
+ * destination without per-row buffers: each key is checked to be the one
+ * expected in its place with one memcmp, and the end of a string is found
+ * eight bytes at a time.  Anything else (a key out of place, missing or
+ * extra, a backslash, a control character, malformed text, too little
+ * room) makes it give up, -1, and the entry goes the general way, which
+ * converts it or reports its error.
+ */
+
+#if defined(__GNUC__)
+#define feed_prefetch(p) __builtin_prefetch(p)
+#else
+#define feed_prefetch(p) ((void) 0)
+#endif
+
+/* Does the 8-byte word hold a byte that is '"', '\\' or below 0x20? */
+#define SWAR_ONES	UINT64CONST(0x0101010101010101)
+#define SWAR_HIGHS	UINT64CONST(0x8080808080808080)
+#define SWAR_HASZERO(v) (((v) - SWAR_ONES) & ~(v) & SWAR_HIGHS)
+
+static inline bool
+fast_word_special(uint64 v)
+{
+	return (SWAR_HASZERO(v ^ (SWAR_ONES * '"')) |
+			SWAR_HASZERO(v ^ (SWAR_ONES * '\\')) |
+			((v - SWAR_ONES * 0x20) & ~v & SWAR_HIGHS)) != 0;
+}
+
+/*
+ * p just past a string's opening quote: its closing quote, or NULL if a
+ * backslash or a control character comes first, or it has no end
+ */
+static inline const char *
+fast_string_end(const char *p, const char *end)
+{
+	while (end - p >= 8)
+	{
+		uint64		v;
+
+		memcpy(&v, p, 8);
+		if (fast_word_special(v))
+			break;
+		p += 8;
+	}
+	for (; p < end; p++)
+	{
+		unsigned char c = (unsigned char) *p;
+
+		if (c == '"')
+			return p;
+		if (c == '\\' || c < 0x20)
+			return NULL;
+	}
+	return NULL;
+}
+
+static inline const char *
+fast_skip_space(const char *p, const char *end)
+{
+	/* JsonbToCString() writes one space after ':' and ',', none elsewhere */
+	if (likely(p < end) && *p == ' ')
+		p++;
+	if (unlikely(p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')))
+		return plain_skip_space(p, end);
+	return p;
+}
+
+/* memcmp() == 0 for the few bytes of a key, without a call */
+static inline bool
+fast_equal(const char *a, const char *b, int len)
+{
+	for (; len >= 8; a += 8, b += 8, len -= 8)
+	{
+		uint64		x,
+					y;
+
+		memcpy(&x, a, 8);
+		memcpy(&y, b, 8);
+		if (x != y)
+			return false;
+	}
+	if (len >= 4)
+	{
+		uint32		x,
+					y;
+
+		memcpy(&x, a, 4);
+		memcpy(&y, b, 4);
+		if (x != y)
+			return false;
+		a += 4;
+		b += 4;
+		len -= 4;
+	}
+	for (; len > 0; a++, b++, len--)
+		if (*a != *b)
+			return false;
+	return true;
+}
+
+static inline bool
+fast_number_char(char c)
+{
+	return (c >= '0' && c <= '9') || c == '-' || c == '+' || c == '.' ||
+		c == 'e' || c == 'E';
+}
+
+/*
+ * Convert the entry's text [p, end) into COPY lines at dst, at most dend;
+ * bytes written, or -1 (nothing of it counts) to leave it to the general way
+ */
+static int
+feed_entry_fast(CopyFeed *f, const char *p, const char *end, char *dst,
+				const char *dend)
+{
+	char	   *d = dst;
+
+	p = plain_skip_space(p, end);
+	if (p >= end || *p != '[')
+		return -1;
+	p = fast_skip_space(p + 1, end);
+	for (;;)
+	{
+		if (p >= end || *p != '{')
+			return -1;
+		p++;
+		for (int col = 0; col < f->ncols; col++)
+		{
+			int			qlen = f->qlen[col];
+			const char *v;
+
+			/* the key: "name", as expected in this place */
+			p = fast_skip_space(p, end);
+			if (end - p < qlen || !fast_equal(p, f->qnames[col], qlen))
+				return -1;
+			p = fast_skip_space(p + qlen, end);
+			if (p >= end || *p != ':')
+				return -1;
+			p = fast_skip_space(p + 1, end);
+			if (p >= end)
+				return -1;
+
+			if (col > 0)
+			{
+				if (d >= dend)
+					return -1;
+				*d++ = '\t';
+			}
+
+			/* the value, as feed_entry_plain() (plain_value) writes it */
+			v = p;
+			switch (*p)
+			{
+				case '"':
+					{
+						const char *q = fast_string_end(p + 1, end);
+						bool		quote = f->quote_strings[col];
+						int			len;
+
+						if (q == NULL)
+							return -1;
+						/* the string's bytes, with its quotes or without */
+						if (!quote)
+							v++;
+						len = (q - v) + (quote ? 1 : 0);
+						if (dend - d < len)
+							return -1;
+						memcpy(d, v, len);
+						d += len;
+						p = q + 1;
+					}
+					break;
+
+				case 'n':
+					if (end - p < 4 || memcmp(p, "null", 4) != 0 || dend - d < 2)
+						return -1;
+					*d++ = '\\';
+					*d++ = 'N';
+					p += 4;
+					break;
+
+				case 't':
+				case 'f':
+					{
+						int			len = (*p == 't') ? 4 : 5;
+
+						if (end - p < len ||
+							memcmp(p, (*p == 't') ? "true" : "false", len) != 0 ||
+							dend - d < len)
+							return -1;
+						memcpy(d, p, len);
+						d += len;
+						p += len;
+					}
+					break;
+
+				case '{':
+				case '[':
+					{
+						int			depth = 0;
+
+						do
+						{
+							if (p >= end)
+								return -1;
+							if (*p == '"')
+							{
+								p = fast_string_end(p + 1, end);
+								if (p == NULL)
+									return -1;
+							}
+							else if (*p == '{' || *p == '[')
+								depth++;
+							else if (*p == '}' || *p == ']')
+								depth--;
+							p++;
+						} while (depth > 0);
+
+						/* escaped for COPY, as append_copy_text() does */
+						for (; v < p; v++)
+						{
+							char		c = *v;
+							char		e;
+
+							switch (c)
+							{
+								case '\\':
+									e = '\\';
+									break;
+								case '\t':
+									e = 't';
+									break;
+								case '\n':
+									e = 'n';
+									break;
+								case '\r':
+									e = 'r';
+									break;
+								default:
+									if (d >= dend)
+										return -1;
+									*d++ = c;
+									continue;
+							}
+							if (dend - d < 2)
+								return -1;
+							*d++ = '\\';
+							*d++ = e;
+						}
+					}
+					break;
+
+				default:
+					{
+						const char *num = p;
+						bool		valid;
+
+						/* -?(0|[1-9][0-9]*) here; anything else as plain_value() */
+						if (*p == '-')
+							p++;
+						if (p < end && *p == '0')
+							p++;
+						else if (p < end && *p >= '1' && *p <= '9')
+						{
+							for (p++; p < end && *p >= '0' && *p <= '9'; p++)
+								;
+						}
+						else
+							p = num;
+						valid = (p > num && (p >= end || !fast_number_char(*p)));
+						if (!valid)
+						{
+							for (p = num; p < end && fast_number_char(*p); p++)
+								;
+							if (p == num || !IsValidJsonNumber(num, p - num))
+								return -1;
+						}
+						if (dend - d < p - num)
+							return -1;
+						memcpy(d, num, p - num);
+						d += p - num;
+					}
+					break;
+			}
+
+			p = fast_skip_space(p, end);
+			if (p >= end || *p != (col < f->ncols - 1 ? ',' : '}'))
+				return -1;
+			p++;
+		}
+		if (d >= dend)
+			return -1;
+		*d++ = '\n';
+
+		p = fast_skip_space(p, end);
+		if (p < end && *p == ']')
+			break;
+		if (p >= end || *p != ',')
+			return -1;
+		p = fast_skip_space(p + 1, end);
+	}
+	if (plain_skip_space(p + 1, end) != end)
+		return -1;
+	return d - dst;
+}
+
+/*
+ * Does the first row of a PART_ROWS part surely have exactly keys' keys, in
+ * their order?  A quick check for batchable(), in the manner of
+ * feed_entry_fast(): false whenever it is not sure (a key or a string with
+ * a backslash, a nested value, anything unexpected), and part_keys() then
+ * reads the keys as usual.  Compares the keys' text as the part writes
+ * them, which for keys without a backslash is the key itself.
+ */
+static bool
+keys_same_fast(const DeferredPart *part, const PartKeys *keys)
+{
+	const char *p = part_text(part);
+	const char *end = p + part->textlen;
+
+	if (part->kind != PART_ROWS)
+		return false;
+	p = plain_skip_space(p, end);
+	if (p >= end || *p != '[')
+		return false;
+	p = fast_skip_space(p + 1, end);
+	if (p >= end || *p != '{')
+		return false;
+	p++;
+	for (int i = 0; i < keys->nkeys; i++)
+	{
+		int			len = keys->len[i];
+		const char *value;
+
+		p = fast_skip_space(p, end);
+		if (end - p < len + 2 || p[0] != '"' || p[len + 1] != '"' ||
+			!fast_equal(p + 1, keys->name[i], len))
+			return false;
+		p = fast_skip_space(p + len + 2, end);
+		if (p >= end || *p != ':')
+			return false;
+		p = fast_skip_space(p + 1, end);
+		if (p >= end)
+			return false;
+		value = p;
+		if (*p == '"')
+		{
+			p = fast_string_end(p + 1, end);
+			if (p == NULL)
+				return false;
+			p++;
+		}
+		else
+		{
+			while (p < end && *p != ',' && *p != '}' && *p != ' ' &&
+				   *p != '{' && *p != '[' && *p != '"' && *p != '\\' &&
+				   (unsigned char) *p >= 0x20)
+				p++;
+			if (p == value || (p < end && (*p == '{' || *p == '[' || *p == '"' || *p == '\\')))
+				return false;
+		}
+		p = fast_skip_space(p, end);
+		if (p >= end || *p != (i < keys->nkeys - 1 ? ',' : '}'))
+			return false;
+		p++;
+	}
+	return keys->nkeys > 0;
+}
+
+/* Room feed_entry_fast() needs at most for an entry's rows */
+static inline int64
+feed_bound(const DeferredPart *part)
+{
+	/*
+	 * Each value's text becomes at most twice as long (COPY escapes of
+	 * nested values), a row's tabs and newline are no more than its commas
+	 * and closing brace.
+	 */
+	return 2 * (int64) part->textlen + 16;
+}
+
+/*
+ * Convert the rows of one entry into COPY lines appended to out: the fast
+ * way unless it was tried already, else without PostgreSQL's lexer unless
+ * the text holds a backslash, else with it
+ */
 static void
-feed_entry(CopyFeed *f, const DeferredEntry *entry)
+feed_entry(CopyFeed *f, const DeferredEntry *entry, bool tried_fast)
 {
 	const DeferredPart *part = entry_first_part(entry);
 	const char *text = part_text(part);
 	int			start = f->out.len;
 
+	if (!tried_fast)
+	{
+		int64		bound = feed_bound(part);
+		int			n;
+
+		if (bound < (int64) MaxAllocSize - start)
+		{
+			enlargeStringInfo(&f->out, (int) bound);
+			n = feed_entry_fast(f, text, text + part->textlen, f->out.data + start,
+								f->out.data + f->out.maxlen - 1);
+			if (n >= 0)
+			{
+				f->out.len += n;
+				f->out.data[f->out.len] = '\0';
+				return;
+			}
+		}
+	}
 	if (!feed_entry_plain(f, text, text + part->textlen))
 	{
+		MemoryContext oldcxt;
+
 		/* a backslash: the entry's rows again, from the start */
 		f->out.len = start;
 		f->out.data[start] = '\0';
+		MemoryContextReset(f->lexcxt);
+		oldcxt = MemoryContextSwitchTo(f->lexcxt);
 		feed_entry_lexer(f, part);
+		MemoryContextSwitchTo(oldcxt);
 	}
 }
 
@@ -1282,41 +1703,91 @@ part_columns(const DeferredPart *part, KeyList *cols)
 }
 
 /*
+ * While the batch's extent is not known (f->head), entries past the second
+ * join it as batchable() says.  Their headers are checked first; their
+ * keys need no check when their rows convert the fast way, which they do
+ * only if their keys are the batch's columns in order.
+ */
+static inline bool
+feed_header_joins(const CopyFeed *f, const DeferredEntry *entry)
+{
+	const DeferredEntry *first = f->batch[0];
+
+	return entry->op == DEFERRED_INSERT && entry->nparts == 1 &&
+		entry->relid == first->relid && entry->roleid == first->roleid;
+}
+
+/*
  * COPY's data source: hand over up to maxread bytes of rows, converting
- * entries as needed; 0 at the end of the batch.
+ * entries as needed; 0 at the end of the batch.  Entries are converted
+ * straight into COPY's buffer while there is room for them; one that might
+ * not fit goes through out, whence it is handed over in pieces.
  */
 static int
 copy_feed_read(void *outbuf, int minread pg_attribute_unused(), int maxread)
 {
 	CopyFeed   *f = copy_feed;
+	char	   *dst = outbuf;
 	int			done = 0;
 
 	Assert(f != NULL);
 	while (done < maxread)
 	{
 		int			avail = f->out.len - f->outpos;
+		const DeferredEntry *entry;
+		bool		lazy;
+		bool		tried_fast = false;
 
-		if (avail == 0)
+		if (avail > 0)
 		{
-			MemoryContext oldcxt;
-
-			if (f->next >= f->count)
-				break;
-			resetStringInfo(&f->out);
-			f->outpos = 0;
-			oldcxt = MemoryContextSwitchTo(f->lexcxt);
-			while (f->next < f->count && f->out.len < COPY_FEED_CHUNK)
-			{
-				MemoryContextReset(f->lexcxt);
-				feed_entry(f, f->batch[f->next++]);
-			}
-			MemoryContextSwitchTo(oldcxt);
+			avail = Min(avail, maxread - done);
+			memcpy(dst + done, f->out.data + f->outpos, avail);
+			f->outpos += avail;
+			done += avail;
 			continue;
 		}
-		avail = Min(avail, maxread - done);
-		memcpy((char *) outbuf + done, f->out.data + f->outpos, avail);
-		f->outpos += avail;
-		done += avail;
+		if (f->next >= f->count)
+			break;
+		entry = f->batch[f->next];
+		lazy = (f->head != NULL && f->next >= 2);
+		if (lazy && !feed_header_joins(f, entry))
+		{
+			f->count = f->next; /* the batch ends here */
+			break;
+		}
+		if (f->next + 2 < f->count)
+		{
+			/* the entry after next, from the ring: header and text */
+			const char *ahead = (const char *) f->batch[f->next + 2];
+
+			feed_prefetch(ahead);
+			feed_prefetch(ahead + 64);
+		}
+		if (feed_bound(entry_first_part(entry)) <= maxread - done)
+		{
+			const DeferredPart *part = entry_first_part(entry);
+			const char *text = part_text(part);
+			int			n;
+
+			n = feed_entry_fast(f, text, text + part->textlen, dst + done,
+								dst + maxread);
+			if (n >= 0)
+			{
+				f->next++;
+				done += n;
+				continue;
+			}
+			tried_fast = true;
+		}
+		if (lazy && !batchable(f->batch[0], f->head, entry, &f->keys))
+		{
+			f->count = f->next; /* the batch ends here */
+			break;
+		}
+		f->next++;
+		resetStringInfo(&f->out);
+		f->outpos = 0;
+		feed_entry(f, entry, tried_fast);
 	}
 	return done;
 }
@@ -1396,7 +1867,8 @@ copy_serves(Relation rel, char **colnames, int ncols, AttrNumber *attnums,
  * target and runs as the queuing role.
  */
 static bool
-insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
+insert_by_copy(DeferredEntry **batch, int count, int64 *rows,
+			   const PartKeys *head, int *consumed)
 {
 	KeyList		cols;
 	int			ncols;
@@ -1424,11 +1896,25 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	f = palloc0(sizeof(CopyFeed));
 	f->batch = batch;
 	f->count = count;
+	f->head = head;
+	f->keys.cxt = copycxt;
 	f->ncols = ncols;
 	f->colnames = cols.names;
 	f->quote_strings = palloc(sizeof(bool) * ncols);
 	f->valstart = palloc(sizeof(int) * ncols);
 	f->vallen = palloc(sizeof(int) * ncols);
+	f->qnames = palloc(sizeof(char *) * ncols);
+	f->qlen = palloc(sizeof(int) * ncols);
+	for (int i = 0; i < ncols; i++)
+	{
+		StringInfoData qname;
+
+		/* as JsonbToCString() writes a key */
+		initStringInfo(&qname);
+		escape_json(&qname, f->colnames[i]);
+		f->qnames[i] = qname.data;
+		f->qlen[i] = qname.len;
+	}
 	attnums = palloc(sizeof(AttrNumber) * ncols);
 	for (int i = 0; i < ncols; i++)
 		attnamelist = lappend(attnamelist, makeString(f->colnames[i]));
@@ -1473,6 +1959,8 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	EndCopyFrom(cstate);
 	PopActiveSnapshot();
 	CommandCounterIncrement();
+	if (consumed != NULL)
+		*consumed = f->count;
 
 	copy_feed = NULL;
 	table_close(rel, NoLock);
@@ -1482,11 +1970,23 @@ insert_by_copy(DeferredEntry **batch, int count, int64 *rows)
 	return true;
 }
 
-/* Apply a batch (one entry, or batchable inserts) to relname; rows touched */
+/*
+ * Apply a batch (one entry, or batchable inserts) to relname; rows touched.
+ * With head (see settle_batch_lazy): by COPY only, as many of the entries
+ * as form a batch, which says consumed; 0 if COPY cannot serve it.
+ */
 static int64
-apply_batch(DeferredEntry **batch, int count, const char *relname)
+apply_batch(DeferredEntry **batch, int count, const char *relname,
+			const PartKeys *head, int *consumed)
 {
 	int64		touched = 0;
+
+	if (head != NULL)
+	{
+		if (!insert_by_copy(batch, count, &touched, head, consumed))
+			*consumed = 0;
+		return touched;
+	}
 
 	if (count == 1)
 	{
@@ -1494,7 +1994,7 @@ apply_batch(DeferredEntry **batch, int count, const char *relname)
 		return touched;
 	}
 
-	if (insert_by_copy(batch, count, &touched))
+	if (insert_by_copy(batch, count, &touched, NULL, NULL))
 		return touched;
 
 	for (int i = 0; i < count; i += FLUSH_STATEMENT_ENTRIES)
@@ -1507,6 +2007,8 @@ typedef struct BatchArgs
 	DeferredEntry **batch;
 	int			count;
 	int64		rows;			/* out: rows touched */
+	const PartKeys *head;		/* see apply_batch */
+	int			consumed;		/* out, with head */
 } BatchArgs;
 
 /* Apply a batch as its queuing role; run in a subtransaction */
@@ -1539,7 +2041,7 @@ apply_batch_as_role(void *arg)
 	SetUserIdAndSecContext(entry->roleid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
 	if (deferred_statement_timeout_ms > 0)
 		enable_timeout_after(STATEMENT_TIMEOUT, deferred_statement_timeout_ms);
-	a->rows = apply_batch(a->batch, a->count, relname);
+	a->rows = apply_batch(a->batch, a->count, relname, a->head, &a->consumed);
 	disable_timeout(STATEMENT_TIMEOUT, false);
 	/* a cancel the timer raised just before it was disabled fails this batch */
 	CHECK_FOR_INTERRUPTS();
@@ -1554,7 +2056,7 @@ apply_batch_as_role(void *arg)
 static ErrorData *
 apply_in_subxact(DeferredEntry **batch, int count, NotifyTally *tally)
 {
-	BatchArgs	args = {batch, count, 0};
+	BatchArgs	args = {batch, count, 0, NULL, 0};
 	ErrorData  *edata = run_in_subxact(apply_batch_as_role, &args);
 
 	if (edata != NULL)
@@ -1630,6 +2132,38 @@ settle_batch(DeferredEntry **batch, int count, FlushOutcome *out)
 		settle_batch(batch, count / 2, out);
 		settle_batch(batch + count / 2, count - count / 2, out);
 	}
+}
+
+/*
+ * Apply by one COPY the batch that starts at batch[0] (whose keys are head)
+ * and batch[1] (batchable with it), among the next count entries, without
+ * reading the keys of the others first: the COPY feed ends the batch at the
+ * first entry that cannot join it (see copy_feed_read), so the batch is the
+ * one flush_run() would have formed.  Returns how many entries it settled;
+ * 0 if it did nothing: COPY cannot serve the batch or it failed (rolled
+ * back), and the caller forms the batch and settles it as usual.
+ */
+static int
+settle_batch_lazy(DeferredEntry **batch, int count, const PartKeys *head,
+				  FlushOutcome *out)
+{
+	BatchArgs	args = {batch, count, 0, head, 0};
+	ErrorData  *edata = run_in_subxact(apply_batch_as_role, &args);
+	int			first = batch - out->take->entries;
+
+	if (edata != NULL)
+	{
+		disable_timeout(STATEMENT_TIMEOUT, false);
+		FreeErrorData(edata);
+		return 0;
+	}
+	if (args.consumed == 0)
+		return 0;
+	Assert(args.consumed >= 2 && args.consumed <= count);
+	notify_tally_add(out->tally, batch[0]->relid, batch[0]->op, args.consumed, args.rows);
+	memset(out->take->states + first, ENTRY_DONE, args.consumed);
+	out->applied += args.consumed;
+	return args.consumed;
 }
 
 /* Name of the extension's schema, or NULL if it is not installed here */
@@ -1742,6 +2276,16 @@ flush_run(int max_entries, int *settled)
 			j = i + 1;
 			if (batch_head(entries[i], &head))
 			{
+				int			done;
+
+				if (j < n && batchable(entries[i], &head, entries[j], &next) &&
+					(done = settle_batch_lazy(entries + i,
+											  Min(n - i, FLUSH_BATCH_ENTRIES),
+											  &head, &out)) > 0)
+				{
+					j = i + done;
+					continue;
+				}
 				while (j < n && j - i < FLUSH_BATCH_ENTRIES &&
 					   batchable(entries[i], &head, entries[j], &next))
 					j++;
