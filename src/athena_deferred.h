@@ -364,6 +364,7 @@ typedef struct Progress
 
 extern uint64 flush_progress_upto;
 extern char *flush_extension_schema(void);
+extern int	flush_dead_lettered(const int64 *ids, int n, int64 **dead);
 extern void flush_read_progress(const char *schema, Progress *p);
 extern void flush_apply_entry(const DeferredEntry *entry, const char *relname,
 							  int64 *rows);

@@ -2166,6 +2166,53 @@ settle_batch_lazy(DeferredEntry **batch, int count, const PartKeys *head,
 	return args.consumed;
 }
 
+/*
+ * Recovery: which of the n entry ids a committed flush moved to
+ * deferred_dead_letters: that flush inserted their rows in its own
+ * transaction.  Returns how many, sorted, in *dead.
+ */
+int
+flush_dead_lettered(const int64 *ids, int n, int64 **dead)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	Datum		arg;
+	Oid			argtype = INT8ARRAYOID;
+	StringInfoData sql;
+	char	   *schema;
+	int			ndead = 0;
+
+	for (int i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	arg = PointerGetDatum(construct_array(elems, n, INT8OID, sizeof(int64), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	*dead = palloc(sizeof(int64) * n);
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	schema = flush_extension_schema();
+	if (schema != NULL)
+	{
+		initStringInfo(&sql);
+		appendStringInfo(&sql, "SELECT id FROM %s.deferred_dead_letters WHERE id = ANY($1) ORDER BY id",
+						 quote_identifier(schema));
+		if (SPI_execute_with_args(sql.data, 1, &argtype, &arg, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read deferred_dead_letters");
+		for (uint64 i = 0; i < SPI_processed && ndead < n; i++)
+		{
+			bool		isnull;
+			Datum		id = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull)
+				(*dead)[ndead++] = DatumGetInt64(id);
+		}
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return ndead;
+}
+
 /* Name of the extension's schema, or NULL if it is not installed here */
 char *
 flush_extension_schema(void)

@@ -595,17 +595,33 @@ recovery_report_progress(void)
 	return worker_installed;
 }
 
+static int
+int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
 /*
  * Worker, once the queue is recovered: settle this database's entries that
- * a committed flush applied (restored because a retried entry came before
- * them, or left behind by a worker that exited between its commit and
- * releasing them), and give retried entries their attempt counts back.
+ * a committed flush applied or dead-lettered (restored because a retried
+ * entry came before them, or left behind by a worker that exited between
+ * its commit and releasing them), and give retried entries their attempt
+ * counts back.  Which of them were dead-lettered, deferred_dead_letters
+ * says: so that deferred_wait() reports them as such.
  */
 void
 recovery_reconcile(void)
 {
 	QueueTake	take = {0};
 	int64		done = 0;
+	int64		dead = 0;
+	int64	   *settled_ids;
+	int64	   *dead_ids = NULL;
+	int			nsettled = 0;
+	int			ndead = 0;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
 
@@ -616,6 +632,7 @@ recovery_reconcile(void)
 	oldcxt = MemoryContextSwitchTo(cxt);
 	take.cxt = cxt;
 	queue_take(&take, INT_MAX);
+	settled_ids = palloc(sizeof(int64) * Max(take.n, 1));
 	for (int i = 0; i < take.n; i++)
 	{
 		const DeferredEntry *e = take.entries[i];
@@ -625,17 +642,33 @@ recovery_reconcile(void)
 			take.attempts[i] = Max(e->attempts,
 								   Min(Max(worker_progress.retry_attempts[ri], 0), ENTRY_MAX_ATTEMPTS));
 		else if (e->qseq < worker_progress.applied_upto)
+			settled_ids[nsettled++] = e->id;
+	}
+	if (nsettled > 0)
+		ndead = flush_dead_lettered(settled_ids, nsettled, &dead_ids);
+	for (int i = 0; i < take.n; i++)
+	{
+		const DeferredEntry *e = take.entries[i];
+
+		if (e->qseq >= worker_progress.applied_upto || retry_index(&worker_progress, e->qseq) >= 0)
+			continue;
+		if (ndead > 0 && bsearch(&e->id, dead_ids, ndead, sizeof(int64), int64_cmp) != NULL)
+		{
+			take.states[i] = ENTRY_DEAD;
+			dead++;
+		}
+		else
 		{
 			take.states[i] = ENTRY_DONE;
 			done++;
 		}
 	}
 	if (take.n > 0)
-		queue_settle(&take, done, 0, 0, -1);
-	if (done > 0)
+		queue_settle(&take, done, 0, dead, -1);
+	if (done + dead > 0)
 		ereport(LOG,
-				(errmsg("athena_deferred: " INT64_FORMAT " entries had been applied by a flush before the restart",
-						done)));
+				(errmsg("athena_deferred: " INT64_FORMAT " entries had been applied and " INT64_FORMAT " dead-lettered by a flush before the restart",
+						done, dead)));
 	MemoryContextSwitchTo(oldcxt);
 	MemoryContextDelete(cxt);
 }
