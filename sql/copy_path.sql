@@ -331,8 +331,19 @@ SELECT n, id, v FROM ends_a ORDER BY n;
 SELECT * FROM ends_b ORDER BY id;
 SELECT tab, who FROM path_log ORDER BY n;
 
+-- A column whose name holds quotes, as the keys of the next entry would
+-- read if they were lined up against the name without its escapes: the
+-- entries have different columns and are batched apart.
+CREATE TABLE lookalike (a int, b int, "a"": 1, ""b" int);
+SELECT count(*) FROM (
+    SELECT deferred_insert('lookalike', '{"a\": 1, \"b": 5}')
+    UNION ALL SELECT deferred_insert('lookalike', '{"a": 1, "b": 2}')) AS queued;
+SELECT deferred_flush();
+SELECT * FROM lookalike ORDER BY 3 NULLS LAST;
+
 DROP TABLE typed, typed_ref, samples, quoted, arrays, arrays_ref, owned, colpriv, hidden.t, guarded,
-    ident, ruled, rule_log, dom_default, big, plain_keys, plain_keys_ref, ends_a, ends_b, path_log;
+    ident, ruled, rule_log, dom_default, big, plain_keys, plain_keys_ref, ends_a, ends_b, path_log,
+    lookalike;
 DROP SCHEMA hidden;
 DROP FUNCTION log_path(), stamp_who();
 DROP TYPE mood, pair;

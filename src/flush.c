@@ -99,6 +99,8 @@ typedef struct PartKeys
 	const char **name;
 	int		   *len;
 	bool	   *isnull;
+	bool		escaped;		/* read by the lexer: a key held a backslash,
+								 * so the names are not the part's text */
 	MemoryContext cxt;			/* where the arrays are */
 	MemoryContext lexcxt;		/* the lexer's, and de-escaped keys; reset
 								 * at each read */
@@ -1318,7 +1320,11 @@ keys_same_fast(const DeferredPart *part, const PartKeys *keys)
 	const char *p = part_text(part);
 	const char *end = p + part->textlen;
 
-	if (part->kind != PART_ROWS)
+	/*
+	 * De-escaped names are not comparable with a part's text: a name
+	 * holding a quote could line up with several other keys.
+	 */
+	if (part->kind != PART_ROWS || keys->escaped)
 		return false;
 	p = plain_skip_space(p, end);
 	if (p >= end || *p != '[')
@@ -1671,12 +1677,14 @@ part_keys(const DeferredPart *part, PartKeys *keys)
 	if (keys->cxt == NULL)
 		keys->cxt = CurrentMemoryContext;
 	keys->nkeys = 0;
+	keys->escaped = false;
 	switch (keys_plain(text, text + part->textlen, rows, keys))
 	{
 		case KEYS_OK:
 			return true;
 		case KEYS_ESCAPED:
 			keys->nkeys = 0;
+			keys->escaped = true;
 			return keys_lexer(text, part->textlen, rows, keys);
 		default:
 			return false;

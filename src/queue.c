@@ -67,9 +67,10 @@ ring_set_state(uint64 pos, uint8 state)
 }
 
 /*
- * Entries lie in the ring 4-byte aligned, and their headers hold 8-byte
- * fields: they are read in place only where such loads are safe, and
- * copied elsewhere.
+ * Entries start MAXALIGNed in the ring (the ring is aligned, entry sizes
+ * are multiples of MAXALIGN), so reading their headers in place is safe
+ * anywhere; it is done only on the platforms it was tested on, and entries
+ * are copied elsewhere.
  */
 #if defined(__x86_64__) || defined(__i386__) || defined(__aarch64__)
 #define RING_READ_IN_PLACE true
