@@ -2182,6 +2182,7 @@ settle_batch_lazy(DeferredEntry **batch, int count, const PartKeys *head,
 int
 flush_dead_lettered(const int64 *ids, int n, int64 **dead)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	Datum	   *elems = palloc(sizeof(Datum) * n);
 	Datum		arg;
 	Oid			argtype = INT8ARRAYOID;
@@ -2218,6 +2219,7 @@ flush_dead_lettered(const int64 *ids, int n, int64 **dead)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	return ndead;
 }
 

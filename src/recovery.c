@@ -619,6 +619,7 @@ recovery_reconcile(void)
 	int64		done = 0;
 	int64		dead = 0;
 	int64	   *settled_ids;
+	bool	   *settled;
 	int64	   *dead_ids = NULL;
 	int			nsettled = 0;
 	int			ndead = 0;
@@ -633,6 +634,7 @@ recovery_reconcile(void)
 	take.cxt = cxt;
 	queue_take(&take, INT_MAX);
 	settled_ids = palloc(sizeof(int64) * Max(take.n, 1));
+	settled = palloc0(sizeof(bool) * Max(take.n, 1));
 	for (int i = 0; i < take.n; i++)
 	{
 		const DeferredEntry *e = take.entries[i];
@@ -642,7 +644,10 @@ recovery_reconcile(void)
 			take.attempts[i] = Max(e->attempts,
 								   Min(Max(worker_progress.retry_attempts[ri], 0), ENTRY_MAX_ATTEMPTS));
 		else if (e->qseq < worker_progress.applied_upto)
+		{
+			settled[i] = true;
 			settled_ids[nsettled++] = e->id;
+		}
 	}
 	if (nsettled > 0)
 		ndead = flush_dead_lettered(settled_ids, nsettled, &dead_ids);
@@ -650,7 +655,7 @@ recovery_reconcile(void)
 	{
 		const DeferredEntry *e = take.entries[i];
 
-		if (e->qseq >= worker_progress.applied_upto || retry_index(&worker_progress, e->qseq) >= 0)
+		if (!settled[i])
 			continue;
 		if (ndead > 0 && bsearch(&e->id, dead_ids, ndead, sizeof(int64), int64_cmp) != NULL)
 		{
