@@ -2148,8 +2148,9 @@ settle_batch(DeferredEntry **batch, int count, FlushOutcome *out)
  * reading the keys of the others first: the COPY feed ends the batch at the
  * first entry that cannot join it (see copy_feed_read), so the batch is the
  * one flush_run() would have formed.  Returns how many entries it settled;
- * 0 if it did nothing: COPY cannot serve the batch or it failed (rolled
- * back), and the caller forms the batch and settles it as usual.
+ * 0 if COPY cannot serve the batch, and -1 if the COPY failed (rolled
+ * back): then the caller forms the batch and settles it as usual, or, after
+ * a failure, its halves.
  */
 static int
 settle_batch_lazy(DeferredEntry **batch, int count, const PartKeys *head,
@@ -2163,7 +2164,7 @@ settle_batch_lazy(DeferredEntry **batch, int count, const PartKeys *head,
 	{
 		disable_timeout(STATEMENT_TIMEOUT, false);
 		FreeErrorData(edata);
-		return 0;
+		return -1;
 	}
 	if (args.consumed == 0)
 		return 0;
@@ -2333,12 +2334,12 @@ flush_run(int max_entries, int *settled)
 			j = i + 1;
 			if (batch_head(entries[i], &head))
 			{
-				int			done;
+				int			done = 0;
 
-				if (j < n && batchable(entries[i], &head, entries[j], &next) &&
-					(done = settle_batch_lazy(entries + i,
-											  Min(n - i, FLUSH_BATCH_ENTRIES),
-											  &head, &out)) > 0)
+				if (j < n && batchable(entries[i], &head, entries[j], &next))
+					done = settle_batch_lazy(entries + i, Min(n - i, FLUSH_BATCH_ENTRIES),
+											 &head, &out);
+				if (done > 0)
 				{
 					j = i + done;
 					continue;
@@ -2346,6 +2347,13 @@ flush_run(int max_entries, int *settled)
 				while (j < n && j - i < FLUSH_BATCH_ENTRIES &&
 					   batchable(entries[i], &head, entries[j], &next))
 					j++;
+				if (done < 0)
+				{
+					/* that batch failed as a whole already: on to its halves */
+					settle_batch(entries + i, (j - i) / 2, &out);
+					settle_batch(entries + i + (j - i) / 2, (j - i) - (j - i) / 2, &out);
+					continue;
+				}
 			}
 			settle_batch(entries + i, j - i, &out);
 		}
