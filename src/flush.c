@@ -613,6 +613,32 @@ feed_lex(JsonLexContext *lex)
 		json_ereport_error(result, lex);
 }
 
+/*
+ * After the token that opens an object or array: lex up to the one that
+ * closes it.  JSON_SUCCESS, the lexer's error, or JSON_EXPECTED_MORE if the
+ * text ends first.
+ */
+static JsonParseErrorType
+lex_past_container(JsonLexContext *lex)
+{
+	for (int depth = 1; depth > 0;)
+	{
+		JsonParseErrorType result = json_lex(lex);
+
+		if (result != JSON_SUCCESS)
+			return result;
+		if (lex->token_type == JSON_TOKEN_OBJECT_START ||
+			lex->token_type == JSON_TOKEN_ARRAY_START)
+			depth++;
+		else if (lex->token_type == JSON_TOKEN_OBJECT_END ||
+				 lex->token_type == JSON_TOKEN_ARRAY_END)
+			depth--;
+		else if (lex->token_type == JSON_TOKEN_END)
+			return JSON_EXPECTED_MORE;
+	}
+	return JSON_SUCCESS;
+}
+
 static void
 feed_expect(JsonLexContext *lex, JsonTokenType type)
 {
@@ -678,20 +704,12 @@ feed_value(CopyFeed *f, JsonLexContext *lex, int col)
 		case JSON_TOKEN_ARRAY_START:
 			{
 				char	   *value_start = lex->token_start;
-				int			depth = 1;
+				JsonParseErrorType result = lex_past_container(lex);
 
-				while (depth > 0)
-				{
-					feed_lex(lex);
-					if (lex->token_type == JSON_TOKEN_OBJECT_START ||
-						lex->token_type == JSON_TOKEN_ARRAY_START)
-						depth++;
-					else if (lex->token_type == JSON_TOKEN_OBJECT_END ||
-							 lex->token_type == JSON_TOKEN_ARRAY_END)
-						depth--;
-					else if (lex->token_type == JSON_TOKEN_END)
-						feed_expect(lex, JSON_TOKEN_OBJECT_END);
-				}
+				if (result == JSON_EXPECTED_MORE)
+					feed_expect(lex, JSON_TOKEN_OBJECT_END);
+				else if (result != JSON_SUCCESS)
+					json_ereport_error(result, lex);
 				append_copy_text(&f->rowbuf, value_start,
 								 lex->token_terminator - value_start);
 			}
@@ -1622,17 +1640,8 @@ keys_lexer_read(const char *text, int textlen, bool rows, PartKeys *keys)
 		if (lex->token_type == JSON_TOKEN_OBJECT_START ||
 			lex->token_type == JSON_TOKEN_ARRAY_START)
 		{
-			for (int depth = 1; depth > 0;)
-			{
-				if (json_lex(lex) != JSON_SUCCESS || lex->token_type == JSON_TOKEN_END)
-					return false;
-				if (lex->token_type == JSON_TOKEN_OBJECT_START ||
-					lex->token_type == JSON_TOKEN_ARRAY_START)
-					depth++;
-				else if (lex->token_type == JSON_TOKEN_OBJECT_END ||
-						 lex->token_type == JSON_TOKEN_ARRAY_END)
-					depth--;
-			}
+			if (lex_past_container(lex) != JSON_SUCCESS)
+				return false;
 		}
 		else if (lex->token_type != JSON_TOKEN_STRING &&
 				 lex->token_type != JSON_TOKEN_NUMBER &&
