@@ -26,7 +26,9 @@
  * LWLock (DeferredShared->lock) guards every field below that is not
  * marked otherwise; entry bodies are written without the lock by the
  * backend that reserved them, while their state is RESERVED, and are
- * immutable once PUBLISHED.  Only the worker changes a published entry's
+ * immutable once PUBLISHED.  That backend also publishes them without the
+ * lock, at commit: a write barrier, then the one-byte state, with the
+ * pending counters (atomics) raised first.  Only the worker changes a published entry's
  * state and attempts (under the lock, in queue_settle), and it reads the
  * entries it took for a flush where they lie in the ring, without the lock:
  * the ring's space is released only past settled entries (the launcher
@@ -185,7 +187,8 @@ typedef struct DeferredDatabase
 {
 	Oid			dbid;			/* InvalidOid: slot free */
 	Latch	   *worker_latch;	/* the database's worker, NULL if none */
-	int64		pending;		/* published, not yet settled */
+	pg_atomic_uint64 pending;	/* published, not yet settled; atomic, so
+								 * that a commit publishes without the lock */
 	uint64		bytes;			/* accounted, reserved or pending: its share */
 	TimestampTz waiting_since;	/* a caller last found no room, or 0 */
 	uint64		flush_requested_qseq;	/* deferred_flush() wants entries
@@ -211,8 +214,8 @@ typedef struct DeferredShared
 
 
 	/* counters for deferred_stats() */
-	int64		pending;		/* published, not yet settled */
-	int64		enqueued;
+	pg_atomic_uint64 pending;	/* published, not yet settled (atomic) */
+	pg_atomic_uint64 enqueued;	/* (atomic) */
 	int64		applied;
 	int64		failed_attempts;
 	int64		dead_lettered;

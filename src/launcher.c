@@ -240,7 +240,7 @@ launcher_tend_databases(void)
 		LWLockAcquire(q->lock, LW_SHARED);
 		dbid = db->dbid;
 		has_worker = (db->worker_latch != NULL);
-		pending = db->pending;
+		pending = (int64) pg_atomic_read_u64(&db->pending);
 		LWLockRelease(q->lock);
 
 		if (dbid == InvalidOid || has_worker || running)
@@ -265,7 +265,7 @@ launcher_tend_databases(void)
 
 		/* nothing pending, no worker: free the slot unless a caller uses it */
 		LWLockAcquire(q->lock, LW_EXCLUSIVE);
-		if (db->dbid == dbid && db->worker_latch == NULL && db->pending == 0 &&
+		if (db->dbid == dbid && db->worker_latch == NULL && pg_atomic_read_u64(&db->pending) == 0 &&
 			db->bytes == 0 &&
 			(db->waiting_since == 0 ||
 			 TimestampDifferenceMilliseconds(db->waiting_since, GetCurrentTimestamp()) > 1000))

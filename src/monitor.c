@@ -80,11 +80,11 @@ deferred_stats(PG_FUNCTION_ARGS)
 	oldest = queue_oldest_pending();
 
 	LWLockAcquire(q->lock, LW_SHARED);
-	values[0] = Int64GetDatum(q->enqueued);
+	values[0] = Int64GetDatum((int64) pg_atomic_read_u64(&q->enqueued));
 	values[1] = Int64GetDatum(q->applied);
 	values[2] = Int64GetDatum(q->failed_attempts);
 	values[3] = Int64GetDatum(q->dead_lettered);
-	values[4] = Int64GetDatum(q->pending);
+	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&q->pending));
 	values[5] = Int64GetDatum((int64) (q->reserve_pos - q->head_pos));
 	values[6] = Int64GetDatum((int64) q->capacity);
 	values[7] = Int64GetDatum(q->flushes);

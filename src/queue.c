@@ -24,11 +24,20 @@
  */
 #include "postgres.h"
 
+#include <sys/mman.h>
+
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "athena_deferred.h"
+
+/*
+ * The slot of the database of this backend's latest queue_account(): its
+ * transaction's entries are published there (queue_publish).
+ */
+static DeferredDatabase *account_slot = NULL;
 
 static inline Size
 ring_offset(uint64 pos)
@@ -101,6 +110,78 @@ ring_offset_add(Size off, Size size)
 	return off >= deferred_shared->capacity ? off - deferred_shared->capacity : off;
 }
 
+#define RING_MAP_CHUNK	(64 * 1024)
+
+/*
+ * Map [from, to) of shared memory into this process, writable, without
+ * changing a byte; false if the kernel cannot.
+ */
+static bool
+ring_map(uintptr_t from, uintptr_t to)
+{
+#ifdef MADV_POPULATE_WRITE
+	from &= ~((uintptr_t) 4095);
+	return madvise((void *) from, TYPEALIGN(4096, to) - from, MADV_POPULATE_WRITE) == 0;
+#else
+	return false;
+#endif
+}
+
+/*
+ * Map the ring ahead of the reserve position into this backend, outside
+ * the lock.
+ *
+ * A backend maps shared memory page by page, on first touch (fork does not
+ * copy the page tables of shared mappings), and the ring moves on through
+ * pages the backend has not touched yet all the time.  Without this, most
+ * reservations would take a page fault writing an entry header -- the
+ * costliest part of queue_reserve() in a VM -- and take it while holding
+ * the queue lock.  Instead the 64 kB region about to be written is mapped
+ * with one madvise(MADV_POPULATE_WRITE), which changes no byte, and
+ * remembered, so that a busy backend maps each region once.  Where the
+ * kernel lacks it (before Linux 5.14), pages fault in as before.
+ */
+static void
+ring_map_ahead(Size bytes)
+{
+	static uint8 *mapped = NULL;	/* one bit per chunk of the ring */
+	static bool unsupported = false;
+	DeferredShared *q = deferred_shared;
+	uintptr_t	ring_start = (uintptr_t) q->ring;
+	uintptr_t	base = ring_start & ~((uintptr_t) RING_MAP_CHUNK - 1);
+	uintptr_t	ring_end = ring_start + q->capacity;
+	/* only a hint, so read without the lock */
+	uint64		hint = *(volatile uint64 *) &q->reserve_pos;
+	uint64		last;
+
+	if (unsupported)
+		return;
+	if (mapped == NULL)
+		mapped = MemoryContextAllocZero(TopMemoryContext,
+										(ring_end - base) / RING_MAP_CHUNK / 8 + 1);
+
+	/* a little further too: other backends may reserve first */
+	last = hint + Min(bytes, RING_MAP_CHUNK * 16) + 4096;
+	for (uint64 pos = hint;; pos = Min(pos + RING_MAP_CHUNK, last))
+	{
+		Size		chunk = (ring_start + ring_offset(pos) - base) / RING_MAP_CHUNK;
+		uintptr_t	from = Max(base + chunk * RING_MAP_CHUNK, ring_start);
+		uintptr_t	to = Min(base + (chunk + 1) * RING_MAP_CHUNK, ring_end);
+
+		if (!(mapped[chunk / 8] & (1 << (chunk % 8))))
+		{
+			if (!ring_map(from, to))
+			{
+				unsupported = true;
+				return;
+			}
+			mapped[chunk / 8] |= 1 << (chunk % 8);
+		}
+		if (pos == last)
+			break;
+	}
+}
+
 /* Shared memory needed for the queue */
 Size
 queue_shmem_size(void)
@@ -120,8 +201,19 @@ queue_shmem_init(DeferredShared *shared, bool found)
 	shared->next_qseq = 1;
 	shared->settled_qseq = 1;
 	pg_atomic_init_u64(&shared->wal_flushed_pos, 0);
+	pg_atomic_init_u64(&shared->pending, 0);
+	pg_atomic_init_u64(&shared->enqueued, 0);
+	for (int i = 0; i < DEFERRED_MAX_DATABASES; i++)
+		pg_atomic_init_u64(&shared->databases[i].pending, 0);
 	ConditionVariableInit(&shared->space_cv);
 	ConditionVariableInit(&shared->settled_cv);
+
+	/*
+	 * Allocate the ring's memory now rather than page by page as the ring
+	 * first moves through it, which a committer would pay for (see
+	 * ring_map_ahead), and which could fail then.
+	 */
+	(void) ring_map((uintptr_t) shared->ring, (uintptr_t) shared->ring + shared->capacity);
 }
 
 /*
@@ -146,6 +238,7 @@ queue_database_slot(Oid dbid, bool create)
 	if (!create || free_slot == NULL)
 		return NULL;
 	memset(free_slot, 0, sizeof(DeferredDatabase));
+	pg_atomic_init_u64(&free_slot->pending, 0);
 	free_slot->dbid = dbid;
 	return free_slot;
 }
@@ -188,7 +281,7 @@ wake_all(void)
 	{
 		DeferredDatabase *db = &q->databases[i];
 
-		if (db->dbid == InvalidOid || db->pending == 0)
+		if (db->dbid == InvalidOid || pg_atomic_read_u64(&db->pending) == 0)
 			continue;
 		db->flush_requested_qseq = Max(db->flush_requested_qseq, q->next_qseq);
 		if (db->worker_latch != NULL)
@@ -237,6 +330,7 @@ queue_account(Size size, int timeout_ms)
 				q->accounted += size;
 				db->bytes += size;
 				db->waiting_since = 0;
+				account_slot = db;
 				done = true;
 			}
 		}
@@ -310,7 +404,12 @@ void
 queue_reserve(DeferredEntry **entries, uint64 *positions, int nentries)
 {
 	DeferredShared *q = deferred_shared;
+	Size		total = 0;
 	int			i;
+
+	for (i = 0; i < nentries; i++)
+		total += entries[i]->size;
+	ring_map_ahead(total);
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nentries; i++)
@@ -388,30 +487,42 @@ queue_advance_head_upto_locked(uint64 upto, Size *head_off)
  * Make reserved entries visible to the worker: called at commit.  Wakes the
  * database's worker when batch_max_size entries are pending, and the
  * launcher when the database has no worker yet.
+ *
+ * Without the lock: what the worker reads of an entry (its header, set
+ * under the lock at reserve time, and its body) is written before its state
+ * changes, and the state is one byte.  The database's slot is the one the
+ * transaction accounted its entries in, which cannot be freed while they
+ * hold space in it.  The counters go up first, so that they never count
+ * fewer entries than a worker can see and settle.
  */
 void
 queue_publish(const uint64 *positions, int nentries)
 {
 	DeferredShared *q = deferred_shared;
-	DeferredDatabase *db;
+	DeferredDatabase *db = account_slot;
+	uint64		pending;
+	Latch	   *worker;
 	Latch	   *wake = NULL;
-	int			i;
 
-	/* the bodies were written before; the lock orders them before state */
-	LWLockAcquire(q->lock, LW_EXCLUSIVE);
-	for (i = 0; i < nentries; i++)
+	Assert(db != NULL && db->dbid == MyDatabaseId);
+	pg_atomic_fetch_add_u64(&q->pending, nentries);
+	pg_atomic_fetch_add_u64(&q->enqueued, nentries);
+	pending = pg_atomic_add_fetch_u64(&db->pending, nentries);
+
+	pg_write_barrier();
+	for (int i = 0; i < nentries; i++)
 		ring_set_state(positions[i], ENTRY_PUBLISHED);
-	q->pending += nentries;
-	q->enqueued += nentries;
-	db = queue_database_slot(MyDatabaseId, false);
-	Assert(db != NULL);
-	db->pending += nentries;
-	if (db->worker_latch == NULL)
-		wake = q->launcher_latch;
-	else if (deferred_batch_max_size > 0 && db->pending >= deferred_batch_max_size)
-		wake = db->worker_latch;
-	LWLockRelease(q->lock);
 
+	/*
+	 * A worker leaves its slot only when the database has no bytes in the
+	 * queue, and ours are; a stale pointer to one that has just exited on
+	 * an error sets a latch nobody waits on.
+	 */
+	worker = *(Latch *volatile *) &db->worker_latch;
+	if (worker == NULL)
+		wake = *(Latch *volatile *) &q->launcher_latch;
+	else if (deferred_batch_max_size > 0 && pending >= (uint64) deferred_batch_max_size)
+		wake = worker;
 	if (wake != NULL)
 		SetLatch(wake);
 }
@@ -478,6 +589,7 @@ queue_collect(DeferredEntry ***entries, uint64 **positions, int max_entries)
 		}
 		(*positions)[n] = pos;
 		(*entries)[n] = palloc(hdr.size);
+		pg_read_barrier();		/* published without the lock: body first */
 		ring_read(pos, (*entries)[n], hdr.size);
 		n++;
 	}
@@ -626,6 +738,7 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 	int			bucket = 0;
 	bool		advancing = true;
 	Size		head_off;
+	int64		settled = 0;
 	int			i;
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
@@ -652,8 +765,7 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 		if (state == ENTRY_DONE || state == ENTRY_DEAD)
 		{
 			note_outcome_locked(e->id, state == ENTRY_DONE ? OUTCOME_APPLIED : OUTCOME_DEAD_LETTER);
-			q->pending--;
-			db->pending--;
+			settled++;
 			db->bytes -= e->size;
 			if (in_ring)
 				e->state = state;
@@ -663,6 +775,11 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 		/* release the space up to here while the entry is in the cache */
 		if (advancing)
 			advancing = queue_advance_head_upto_locked(take->positions[i], &head_off);
+	}
+	if (settled > 0)
+	{
+		pg_atomic_fetch_sub_u64(&q->pending, settled);
+		pg_atomic_fetch_sub_u64(&db->pending, settled);
 	}
 	q->applied += applied;
 	q->failed_attempts += failed;
@@ -799,12 +916,12 @@ queue_restore(DeferredEntry **entries, int nentries, uint64 next_qseq)
 		entries[i]->state = ENTRY_PUBLISHED;
 		ring_write(q->reserve_pos, entries[i], entries[i]->size);
 		q->reserve_pos += entries[i]->size;
-		db->pending++;
+		pg_atomic_fetch_add_u64(&db->pending, 1);
 		db->bytes += entries[i]->size;
 		/* recovered entries are applied at once, whatever the timer */
 		db->flush_requested_qseq = Max(db->flush_requested_qseq, entries[i]->qseq + 1);
 	}
-	q->pending += nentries;
+	pg_atomic_fetch_add_u64(&q->pending, nentries);
 	q->next_qseq = Max(q->next_qseq, next_qseq);
 	queue_advance_head_locked();
 	q->recovered = true;
@@ -906,7 +1023,11 @@ queue_database_pending(uint64 *next_qseq)
 	*next_qseq = deferred_shared->next_qseq;
 	db = queue_database_slot(MyDatabaseId, false);
 	if (db != NULL)
-		n = db->pending + (db->bytes > 0 && db->pending == 0 ? 1 : 0);
+	{
+		n = (int64) pg_atomic_read_u64(&db->pending);
+		if (n == 0 && db->bytes > 0)
+			n = 1;
+	}
 	LWLockRelease(deferred_shared->lock);
 	return n;
 }
@@ -944,11 +1065,11 @@ queue_discard_database(Oid dbid)
 	}
 	if (db != NULL)
 	{
-		db->pending = 0;
+		pg_atomic_write_u64(&db->pending, 0);
 		db->bytes = 0;
 		db->flush_requested_qseq = 0;
 	}
-	q->pending -= n;
+	pg_atomic_fetch_sub_u64(&q->pending, n);
 	q->discarded += n;
 	queue_advance_head_locked();
 	LWLockRelease(q->lock);

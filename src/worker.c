@@ -140,7 +140,7 @@ worker_idle_exit(TimestampTz *idle_since)
 	bool		leave = false;
 
 	LWLockAcquire(deferred_shared->lock, LW_EXCLUSIVE);
-	if (my_db->pending > 0 || my_db->bytes > 0)
+	if (pg_atomic_read_u64(&my_db->pending) > 0 || my_db->bytes > 0)
 		*idle_since = 0;
 	else if (*idle_since == 0)
 		*idle_since = now;
@@ -189,7 +189,7 @@ batch_full(void)
 	if (deferred_batch_max_size <= 0)
 		return false;
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
-	pending = my_db->pending;
+	pending = (int64) pg_atomic_read_u64(&my_db->pending);
 	LWLockRelease(deferred_shared->lock);
 	return pending >= deferred_batch_max_size;
 }
