@@ -102,6 +102,19 @@ ring_header_at(Size off, DeferredEntry *buf)
 	return buf;
 }
 
+/*
+ * A hint to the CPU that the ring memory at addr is read (or written) next.
+ * The flush walks tens of megabytes of entries in order, several times:
+ * fetching a few entries ahead turns one cache miss per entry into a
+ * stream.
+ */
+#if defined(__GNUC__) || defined(__clang__)
+#define ring_prefetch(addr, write)	__builtin_prefetch((addr), (write))
+#else
+#define ring_prefetch(addr, write)	((void) 0)
+#endif
+#define RING_PREFETCH_AHEAD	1024	/* bytes: about eight small entries */
+
 /* Ring offset off moved on by size bytes */
 static inline Size
 ring_offset_add(Size off, Size size)
@@ -110,76 +123,72 @@ ring_offset_add(Size off, Size size)
 	return off >= deferred_shared->capacity ? off - deferred_shared->capacity : off;
 }
 
+/*
+ * Mapping the ring.
+ *
+ * A process maps shared memory page by page, on first touch (fork does not
+ * copy the page tables of shared mappings), and the ring moves on through
+ * pages a process has not touched yet all the time: most reservations
+ * would take a page fault writing an entry header -- a few microseconds in
+ * a VM, the costliest part of queue_reserve(), and under the queue lock --
+ * and the worker would take one every few entries it reads.
+ *
+ * So the ring's memory is allocated once, at start (ring_allocate), and a
+ * process maps the part it is about to touch before taking the lock
+ * (ring_map_range): reading one byte of a 64 kB region makes the kernel map
+ * the whole region, since it maps the neighbours of a faulting page that
+ * are in memory ("fault-around"), writable in shared memory.  A region is
+ * mapped once per process.  Where either does not work, pages fault in one
+ * by one as before.
+ */
 #define RING_MAP_CHUNK	(64 * 1024)
 
-/*
- * Map [from, to) of shared memory into this process, writable, without
- * changing a byte; false if the kernel cannot.
- */
-static bool
-ring_map(uintptr_t from, uintptr_t to)
+static void
+ring_allocate(DeferredShared *shared)
 {
 #ifdef MADV_POPULATE_WRITE
-	from &= ~((uintptr_t) 4095);
-	return madvise((void *) from, TYPEALIGN(4096, to) - from, MADV_POPULATE_WRITE) == 0;
-#else
-	return false;
+	uintptr_t	from = (uintptr_t) shared->ring & ~((uintptr_t) 4095);
+	uintptr_t	to = (uintptr_t) shared->ring + shared->capacity;
+
+	/* changes no byte; fails harmlessly before Linux 5.14 */
+	(void) madvise((void *) from, TYPEALIGN(4096, to) - from, MADV_POPULATE_WRITE);
 #endif
 }
 
-/*
- * Map the ring ahead of the reserve position into this backend, outside
- * the lock.
- *
- * A backend maps shared memory page by page, on first touch (fork does not
- * copy the page tables of shared mappings), and the ring moves on through
- * pages the backend has not touched yet all the time.  Without this, most
- * reservations would take a page fault writing an entry header -- the
- * costliest part of queue_reserve() in a VM -- and take it while holding
- * the queue lock.  Instead the 64 kB region about to be written is mapped
- * with one madvise(MADV_POPULATE_WRITE), which changes no byte, and
- * remembered, so that a busy backend maps each region once.  Where the
- * kernel lacks it (before Linux 5.14), pages fault in as before.
- */
+/* Map bytes of the ring from logical position pos on into this process */
 static void
-ring_map_ahead(Size bytes)
+ring_map_range(uint64 pos, uint64 bytes)
 {
-	static uint8 *mapped = NULL;	/* one bit per chunk of the ring */
-	static bool unsupported = false;
+	static uint8 *mapped = NULL;	/* one bit per region of the ring */
 	DeferredShared *q = deferred_shared;
 	uintptr_t	ring_start = (uintptr_t) q->ring;
 	uintptr_t	base = ring_start & ~((uintptr_t) RING_MAP_CHUNK - 1);
-	uintptr_t	ring_end = ring_start + q->capacity;
-	/* only a hint, so read without the lock */
-	uint64		hint = *(volatile uint64 *) &q->reserve_pos;
-	uint64		last;
+	uint64		last = pos + Min(bytes, q->capacity - 1);
 
-	if (unsupported)
-		return;
 	if (mapped == NULL)
 		mapped = MemoryContextAllocZero(TopMemoryContext,
-										(ring_end - base) / RING_MAP_CHUNK / 8 + 1);
+										(ring_start + q->capacity - base) / RING_MAP_CHUNK / 8 + 1);
 
-	/* a little further too: other backends may reserve first */
-	last = hint + Min(bytes, RING_MAP_CHUNK * 16) + 4096;
-	for (uint64 pos = hint;; pos = Min(pos + RING_MAP_CHUNK, last))
+	for (;; pos = Min(pos + RING_MAP_CHUNK, last))
 	{
-		Size		chunk = (ring_start + ring_offset(pos) - base) / RING_MAP_CHUNK;
-		uintptr_t	from = Max(base + chunk * RING_MAP_CHUNK, ring_start);
-		uintptr_t	to = Min(base + (chunk + 1) * RING_MAP_CHUNK, ring_end);
+		Size		region = (ring_start + ring_offset(pos) - base) / RING_MAP_CHUNK;
 
-		if (!(mapped[chunk / 8] & (1 << (chunk % 8))))
+		if (!(mapped[region / 8] & (1 << (region % 8))))
 		{
-			if (!ring_map(from, to))
-			{
-				unsupported = true;
-				return;
-			}
-			mapped[chunk / 8] |= 1 << (chunk % 8);
+			/* a read of a byte someone may be writing: its value is unused */
+			(void) *(volatile char *) Max(base + region * RING_MAP_CHUNK, ring_start);
+			mapped[region / 8] |= 1 << (region % 8);
 		}
 		if (pos == last)
 			break;
 	}
+}
+
+/* The reserve position, as a hint: read without the lock */
+static inline uint64
+reserve_pos_hint(void)
+{
+	return *(volatile uint64 *) &deferred_shared->reserve_pos;
 }
 
 /* Shared memory needed for the queue */
@@ -207,13 +216,7 @@ queue_shmem_init(DeferredShared *shared, bool found)
 		pg_atomic_init_u64(&shared->databases[i].pending, 0);
 	ConditionVariableInit(&shared->space_cv);
 	ConditionVariableInit(&shared->settled_cv);
-
-	/*
-	 * Allocate the ring's memory now rather than page by page as the ring
-	 * first moves through it, which a committer would pay for (see
-	 * ring_map_ahead), and which could fail then.
-	 */
-	(void) ring_map((uintptr_t) shared->ring, (uintptr_t) shared->ring + shared->capacity);
+	ring_allocate(shared);
 }
 
 /*
@@ -409,7 +412,8 @@ queue_reserve(DeferredEntry **entries, uint64 *positions, int nentries)
 
 	for (i = 0; i < nentries; i++)
 		total += entries[i]->size;
-	ring_map_ahead(total);
+	/* a little further too: other backends may reserve first */
+	ring_map_range(reserve_pos_hint(), Min(total, 1024 * 1024) + 4096);
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nentries; i++)
@@ -635,16 +639,18 @@ queue_take(QueueTake *take, int max_entries)
 	const DeferredEntry *hdr;
 	uint64		pos;
 	int			n = 0;
-
 	Size		off;
+	uint64		head = *(volatile uint64 *) &q->head_pos;
 
 	Assert(take->cxt != NULL);
+	ring_map_range(head, Min(reserve_pos_hint() - head, 64 * 1024 * 1024));
 	LWLockAcquire(q->lock, LW_SHARED);
 	off = ring_offset(q->head_pos);
 	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries;
 		 pos += hdr->size, off = ring_offset_add(off, hdr->size))
 	{
 		hdr = ring_header_at(off, &hdrbuf);
+		ring_prefetch(q->ring + ring_offset_add(off, RING_PREFETCH_AHEAD), 0);
 		if (hdr->size < sizeof(DeferredEntry) || hdr->size > q->capacity)
 			elog(PANIC, "athena_deferred: corrupt queue entry of %u bytes at %llu",
 				 hdr->size, (unsigned long long) pos);
@@ -750,6 +756,9 @@ queue_settle(QueueTake *take, int64 applied, int64 failed, int64 dead,
 		DeferredEntry *e = take->entries[i];
 		uint8		state = take->states[i];
 		bool		in_ring = ((char *) e >= q->ring && (char *) e < q->ring + q->capacity);
+
+		if (i + 8 < nentries)
+			ring_prefetch(take->entries[i + 8], 1);
 
 		if (take->attempts[i] != e->attempts)
 		{
