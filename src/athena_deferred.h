@@ -28,8 +28,9 @@
  * backend that reserved them, while their state is RESERVED, and are
  * immutable once PUBLISHED.  That backend also publishes them without the
  * lock, at commit: a write barrier, then the one-byte state, with the
- * pending counters (atomics) raised first.  Only the worker changes a published entry's
- * state and attempts (under the lock, in queue_settle), and it reads the
+ * pending counters (atomics) raised first.  Only the worker changes a
+ * published entry's state and attempts (under the lock, in queue_settle;
+ * the launcher, too, for a dropped database's entries), and it reads the
  * entries it took for a flush where they lie in the ring, without the lock:
  * the ring's space is released only past settled entries (the launcher
  * discards entries only of a database without a worker), so those entries
@@ -181,7 +182,9 @@ StaticAssertDecl(sizeof(DeferredPart) == 8 && sizeof(DeferredPart) == MAXALIGN(s
 /*
  * One database with entries in the queue (queue.c).  A slot is taken by the
  * first call in a database and freed by the launcher once the database has
- * neither entries nor a worker.  Guarded by DeferredShared->lock.
+ * neither entries nor a worker.  Guarded by DeferredShared->lock, but for
+ * pending (atomic), and worker_latch, which a committing backend reads
+ * without the lock while its entries hold space in the slot.
  */
 typedef struct DeferredDatabase
 {

@@ -137,8 +137,8 @@ ring_offset_add(Size off, Size size)
  * process maps the part it is about to touch before taking the lock
  * (ring_map_range): reading one byte of a 64 kB region makes the kernel map
  * the whole region, since it maps the neighbours of a faulting page that
- * are in memory ("fault-around"), writable in shared memory.  A region is
- * mapped once per process.  Where either does not work, pages fault in one
+ * are in memory ("fault-around"), writable in shared memory.  A process
+ * probes each region once.  Where either does not work, pages fault in one
  * by one as before.
  */
 #define RING_MAP_CHUNK	(64 * 1024)
@@ -150,36 +150,52 @@ ring_allocate(DeferredShared *shared)
 	uintptr_t	from = (uintptr_t) shared->ring & ~((uintptr_t) 4095);
 	uintptr_t	to = (uintptr_t) shared->ring + shared->capacity;
 
-	/* changes no byte; fails harmlessly before Linux 5.14 */
+	/*
+	 * Changes no byte.  Before Linux 5.14 it fails (EINVAL) and pages are
+	 * allocated as they are first touched; without the memory, it fails
+	 * (ENOMEM) or the OOM killer acts, as it would later.
+	 */
 	(void) madvise((void *) from, TYPEALIGN(4096, to) - from, MADV_POPULATE_WRITE);
 #endif
 }
 
-/* Map bytes of the ring from logical position pos on into this process */
+/*
+ * Map the regions of the ring that bytes from logical position pos on lie
+ * in into this process.  The probe reads the last page of a region, which
+ * the process is least likely to have touched already: a read of a page
+ * already mapped maps nothing around it.
+ */
 static void
 ring_map_range(uint64 pos, uint64 bytes)
 {
 	static uint8 *mapped = NULL;	/* one bit per region of the ring */
 	DeferredShared *q = deferred_shared;
 	uintptr_t	ring_start = (uintptr_t) q->ring;
+	uintptr_t	ring_end = ring_start + q->capacity;
 	uintptr_t	base = ring_start & ~((uintptr_t) RING_MAP_CHUNK - 1);
-	uint64		last = pos + Min(bytes, q->capacity - 1);
+	Size		nregions = (ring_end - base + RING_MAP_CHUNK - 1) / RING_MAP_CHUNK;
+	Size		first = (ring_start + ring_offset(pos) - base) / RING_MAP_CHUNK;
+	Size		last;
 
 	if (mapped == NULL)
-		mapped = MemoryContextAllocZero(TopMemoryContext,
-										(ring_start + q->capacity - base) / RING_MAP_CHUNK / 8 + 1);
+		mapped = MemoryContextAllocZero(TopMemoryContext, nregions / 8 + 1);
 
-	for (;; pos = Min(pos + RING_MAP_CHUNK, last))
+	if (bytes >= q->capacity - RING_MAP_CHUNK)
+		last = (first + nregions - 1) % nregions;	/* all of them */
+	else
+		last = (ring_start + ring_offset(pos + bytes) - base) / RING_MAP_CHUNK;
+
+	for (Size region = first;; region = (region + 1) % nregions)
 	{
-		Size		region = (ring_start + ring_offset(pos) - base) / RING_MAP_CHUNK;
-
 		if (!(mapped[region / 8] & (1 << (region % 8))))
 		{
+			uintptr_t	probe = Min(base + (region + 1) * RING_MAP_CHUNK, ring_end) - 1;
+
 			/* a read of a byte someone may be writing: its value is unused */
-			(void) *(volatile char *) Max(base + region * RING_MAP_CHUNK, ring_start);
+			(void) *(volatile char *) probe;
 			mapped[region / 8] |= 1 << (region % 8);
 		}
-		if (pos == last)
+		if (region == last)
 			break;
 	}
 }
@@ -412,8 +428,8 @@ queue_reserve(DeferredEntry **entries, uint64 *positions, int nentries)
 
 	for (i = 0; i < nentries; i++)
 		total += entries[i]->size;
-	/* a little further too: other backends may reserve first */
-	ring_map_range(reserve_pos_hint(), Min(total, 1024 * 1024) + 4096);
+	/* and the next region too, before anyone writes into it */
+	ring_map_range(reserve_pos_hint(), Min(total, 1024 * 1024) + RING_MAP_CHUNK);
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nentries; i++)
@@ -513,20 +529,23 @@ queue_publish(const uint64 *positions, int nentries)
 	pg_atomic_fetch_add_u64(&q->enqueued, nentries);
 	pending = pg_atomic_add_fetch_u64(&db->pending, nentries);
 
-	pg_write_barrier();
-	for (int i = 0; i < nentries; i++)
-		ring_set_state(positions[i], ENTRY_PUBLISHED);
-
 	/*
-	 * A worker leaves its slot only when the database has no bytes in the
-	 * queue, and ours are; a stale pointer to one that has just exited on
-	 * an error sets a latch nobody waits on.
+	 * Whom to wake is read before the entries are published: until then
+	 * their bytes keep the slot ours (a worker leaves it, and the launcher
+	 * frees it, only when the database has none in the queue).  A worker
+	 * that exits on an error meanwhile leaves a latch nobody waits on, and
+	 * wakes the launcher itself.
 	 */
 	worker = *(Latch *volatile *) &db->worker_latch;
 	if (worker == NULL)
 		wake = *(Latch *volatile *) &q->launcher_latch;
 	else if (deferred_batch_max_size > 0 && pending >= (uint64) deferred_batch_max_size)
 		wake = worker;
+
+	pg_write_barrier();
+	for (int i = 0; i < nentries; i++)
+		ring_set_state(positions[i], ENTRY_PUBLISHED);
+
 	if (wake != NULL)
 		SetLatch(wake);
 }
@@ -672,7 +691,11 @@ queue_take(QueueTake *take, int max_entries)
 	LWLockRelease(q->lock);
 	take->n = n;
 
-	/* published entries do not change, and only this worker releases them */
+	/*
+	 * Published entries do not change, and only this worker releases them;
+	 * releasing the lock was a full barrier, so the bodies of entries seen
+	 * published (without the lock, queue_publish) are visible.
+	 */
 	for (int i = 0; i < n; i++)
 	{
 		if (take->entries[i] == NULL)
