@@ -26,8 +26,9 @@
 #   BENCH_QUEUE_SIZE  athena_deferred.queue_size [256MB, more for runs longer
 #                     than 15 s: 15MB per second of run]
 #   BENCH_PORT        port number of the socket (in a private directory) [54339]
-#   BENCH_PERF        1: profile the backends during one more deferred_insert
-#                     run with perf and print the top symbols [0]
+#   BENCH_PERF        1: profile the server during one more deferred_insert
+#                     run with perf: CPU per call split by function, top
+#                     symbols [0]
 #   BENCH_OUT         report file [bench/results/latest.md, none with
 #                     BENCH_ONLY]; empty: none
 #   BENCH_KEEP        1: keep the temporary directory (logs, cluster) [0]
@@ -448,6 +449,31 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 PERF_TOP=
+PERF_FREQ=999
+
+# perf_split FUNC US: the samples taken inside FUNC (its innermost call on
+# the stack), as microseconds per committed transaction (US a sample), in
+# all and split by the function FUNC called (or "(self)")
+perf_split() {
+    awk -v f="$1" -v us="$2" '
+        function sample(   i) {
+            for (i = 1; i <= n; i++)
+                if (sym[i] == f) {
+                    per[i > 1 ? sym[i - 1] : "(self)"]++
+                    total++
+                    break
+                }
+            n = 0
+        }
+        /^[^ \t]/ || /^[ \t]*$/ { if (n) sample(); next }
+        { s = $2; sub(/\+0x[0-9a-f]+$/, "", s); sym[++n] = s }
+        END {
+            if (n) sample()
+            printf "%.2f\t%s\n", total * us, f
+            for (c in per) printf "%.2f\t    %s\n", per[c] * us, c
+        }' "$DIR/perf.txt" | sort -t$'\t' -k1,1nr | head -7
+}
+
 if [ "$PERF" = 1 ]; then
     if command -v perf >/dev/null 2>&1; then
         log "profiling a deferred_insert run (wal_sync = batch, worker idle) with perf"
@@ -460,20 +486,31 @@ if [ "$PERF" = 1 ]; then
             sleep 1
             pm=$(head -n1 "$DIR/data/postmaster.pid")
             pids=$({ echo "$pm"; ps -o pid= --ppid "$pm"; } | tr -d ' ' | paste -sd, -)
-            exec perf record -F 999 -p "$pids" -o "$DIR/perf.data" -- sleep "$perf_secs"
+            exec perf record -g -F "$PERF_FREQ" -p "$pids" -o "$DIR/perf.data" -- sleep "$perf_secs"
         ) >"$DIR/perf.log" 2>&1 &
         PERF_PID=$!
         pgbench_run perf_d_batch deferred_insert.sql "$CLIENTS"
         wait "$PERF_PID" || true
         PERF_PID=
         if [ -s "$DIR/perf.data" ]; then
+            perf script -i "$DIR/perf.data" >"$DIR/perf.txt" 2>/dev/null || true
+            # microseconds of CPU per committed transaction that one sample stands for
+            perf_us=$(awk -v f="$PERF_FREQ" -v tps="$(tps_of perf_d_batch)" -v s="$perf_secs" \
+                'BEGIN{printf "%.6f", (tps > 0 ? 1e6 / f / (tps * s) : 0)}')
             PERF_TOP=$(
+                echo "CPU of the server's processes per committed call, in us, split by what each function calls"
+                echo "(samples of $perf_secs s at $PERF_FREQ Hz, $(tps_of perf_d_batch) tps; a rough split, sampling error a few %):"
+                awk -v us="$perf_us" '/^[^ \t]/ {n++} END {printf "%.1f\tall\n", n * us}' "$DIR/perf.txt"
+                for f in deferred_insert enqueue_xact_callback wal_append jsonb_in; do
+                    perf_split "$f" "$perf_us"
+                done
+                echo
                 echo "by shared object:"
-                perf report -i "$DIR/perf.data" --stdio --no-children --sort dso 2>/dev/null |
+                perf report -i "$DIR/perf.data" --stdio --no-children -g none --sort dso 2>/dev/null |
                     grep -vE '^#|^$' | head -8 || true
                 echo
                 echo "by symbol:"
-                perf report -i "$DIR/perf.data" --stdio --no-children --sort dso,sym 2>/dev/null |
+                perf report -i "$DIR/perf.data" --stdio --no-children -g none --sort dso,sym 2>/dev/null |
                     grep -vE '^#|^$' | head -40 || true
             )
             if grep -q '(deleted)' <<<"$PERF_TOP"; then
