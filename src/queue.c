@@ -200,11 +200,11 @@ ring_map_range(uint64 pos, uint64 bytes)
 	}
 }
 
-/* The reserve position, as a hint: read without the lock */
+/* A ring position (head_pos, reserve_pos) read without the lock, as a hint */
 static inline uint64
-reserve_pos_hint(void)
+pos_hint(const uint64 *pos)
 {
-	return *(volatile uint64 *) &deferred_shared->reserve_pos;
+	return *(const volatile uint64 *) pos;
 }
 
 /* Shared memory needed for the queue */
@@ -429,7 +429,7 @@ queue_reserve(DeferredEntry **entries, uint64 *positions, int nentries)
 	for (i = 0; i < nentries; i++)
 		total += entries[i]->size;
 	/* and the next region too, before anyone writes into it */
-	ring_map_range(reserve_pos_hint(), Min(total, 1024 * 1024) + RING_MAP_CHUNK);
+	ring_map_range(pos_hint(&q->reserve_pos), Min(total, 1024 * 1024) + RING_MAP_CHUNK);
 
 	LWLockAcquire(q->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nentries; i++)
@@ -659,10 +659,10 @@ queue_take(QueueTake *take, int max_entries)
 	uint64		pos;
 	int			n = 0;
 	Size		off;
-	uint64		head = *(volatile uint64 *) &q->head_pos;
+	uint64		head = pos_hint(&q->head_pos);
 
 	Assert(take->cxt != NULL);
-	ring_map_range(head, Min(reserve_pos_hint() - head, 64 * 1024 * 1024));
+	ring_map_range(head, Min(pos_hint(&q->reserve_pos) - head, 64 * 1024 * 1024));
 	LWLockAcquire(q->lock, LW_SHARED);
 	off = ring_offset(q->head_pos);
 	for (pos = q->head_pos; pos < q->reserve_pos && n < max_entries;
