@@ -7,11 +7,23 @@
  * The log is a series of pre-allocated, zero-filled segment files in
  * athena_deferred.wal_dir, named by segment number.  A committing
  * transaction frames all its entries into one buffer (one JSON record per
- * entry, see wal_format.h) and writes it with one pwrite() at a position
- * taken under wal_lock; then, with wal_sync = always, waits until an fsync
- * covers it.  Concurrent committers share that fsync: whoever gets
- * wal_flush_lock syncs everything written so far, the others wake up to
- * find their records already durable (as XLogFlush does).
+ * entry, see wal_format.h) and copies it, at a position taken under
+ * wal_lock, into the segment, which each backend maps (MAP_SHARED) once and
+ * keeps mapped: the copy lands in the kernel's page cache as a write()
+ * would, without a system call per commit.  With wal_sync = always the
+ * committer then waits until an fsync covers it; on Linux fdatasync()
+ * writes out pages dirtied through a mapping like any others.  Concurrent
+ * committers share that fsync: whoever gets wal_flush_lock syncs
+ * everything written so far, the others wake up to find their records
+ * already durable (as XLogFlush does).
+ *
+ * A copy cannot fail half-way and report it: the segment's blocks were
+ * allocated and zeroed when it was created, so writing into its pages
+ * needs no new space on filesystems that overwrite in place.  A device
+ * error while the kernel reads such a page back in ends the process with
+ * SIGBUS, and the postmaster restarts the server, as after the PANIC that
+ * a failed write() of PostgreSQL's own WAL causes; the transaction was not
+ * acknowledged, and recovery treats a record cut short as a torn tail.
  *
  * Files are only ever appended to at the insert position, which moves to a
  * fresh segment after a restart; a segment is removed by the worker once
@@ -26,6 +38,7 @@
 
 #include <fcntl.h>
 #include <jansson.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -38,15 +51,29 @@
 #include "athena_deferred.h"
 #include "wal_format.h"
 
-/* This backend's open segment, for writing */
-static int	wal_fd = -1;
-static uint64 wal_fd_segno = 0;
+/* A segment open and mapped for writing */
+typedef struct WalMap
+{
+	uint64		segno;
+	int			fd;
+	char	   *base;
+} WalMap;
+
+/*
+ * The segments this backend has mapped: the first is the one it wrote into
+ * last, kept between commits; the others are those of a write that spans
+ * segments, let go when it is done (or by the next write, when an error cut
+ * it short).
+ */
+static WalMap *wal_maps = NULL;
+static int	wal_nmaps = 0;
+static int	wal_maps_size = 0;
 
 /*
  * The first entry of this backend's latest wal_append(), and whether any of
  * its bytes may be in the log.  An abort after a write that failed cleanly
- * (nothing written, or what was written erased) needs no abort marker; on a
- * full disk it could not write one anyway.
+ * (nothing written) needs no abort marker; on a full disk it could not
+ * write one anyway.
  */
 static uint64 append_first_qseq = 0;
 static bool append_in_log = false;
@@ -170,35 +197,96 @@ wal_create_segment(uint64 segno, int elevel)
 	return true;
 }
 
-/* Open (creating if need be) the segment to write into */
-static int
-wal_open_segment(uint64 segno, int elevel)
+static void
+wal_unmap(WalMap *m)
+{
+	if (munmap(m->base, wal_segment_bytes()) != 0)
+		elog(LOG, "could not unmap athena_deferred WAL segment %016llX: %m",
+			 (unsigned long long) m->segno);
+	close(m->fd);
+}
+
+/*
+ * The mapping of a segment, opening (creating if need be) and mapping it if
+ * this backend has not yet.  NULL after reporting a failure at elevel.
+ */
+static char *
+wal_map_segment(uint64 segno, int elevel)
 {
 	char	   *path;
+	WalMap	   *m;
+	int			fd;
+	void	   *base;
 
-	if (wal_fd >= 0 && wal_fd_segno == segno)
-		return wal_fd;
-	if (wal_fd >= 0)
-		close(wal_fd);
-	wal_fd = -1;
+	for (int i = 0; i < wal_nmaps; i++)
+	{
+		if (wal_maps[i].segno == segno)
+			return wal_maps[i].base;
+	}
 
 	path = wal_segment_path(segno);
-	wal_fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
-	if (wal_fd < 0 && errno == ENOENT)
+	fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+	if (fd < 0 && errno == ENOENT)
 	{
 		if (!wal_create_segment(segno, elevel))
-			return -1;			/* reported */
-		wal_fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+			return NULL;		/* reported */
+		fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
 	}
-	if (wal_fd < 0)
+	if (fd < 0)
 	{
 		ereport(elevel,
 				(errcode_for_file_access(),
 				 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
-		return -1;
+		return NULL;
 	}
-	wal_fd_segno = segno;
-	return wal_fd;
+	if (io_fault("wal_write"))
+	{
+		errno = EIO;
+		base = MAP_FAILED;
+	}
+	else
+		base = mmap(NULL, wal_segment_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (base == MAP_FAILED)
+	{
+		int			save_errno = errno;
+
+		close(fd);
+		errno = save_errno;
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not map athena_deferred WAL file \"%s\": %m", path)));
+		return NULL;
+	}
+
+	if (wal_nmaps == wal_maps_size)
+	{
+		wal_maps_size = Max(4, wal_maps_size * 2);
+		wal_maps = wal_maps == NULL
+			? MemoryContextAlloc(TopMemoryContext, sizeof(WalMap) * wal_maps_size)
+			: repalloc(wal_maps, sizeof(WalMap) * wal_maps_size);
+	}
+	m = &wal_maps[wal_nmaps++];
+	m->segno = segno;
+	m->fd = fd;
+	m->base = base;
+	pfree(path);
+	return base;
+}
+
+/* Keep only the mapping of segment keep (if mapped), as the first */
+static void
+wal_unmap_all_but(uint64 keep)
+{
+	int			kept = 0;
+
+	for (int i = 0; i < wal_nmaps; i++)
+	{
+		if (wal_maps[i].segno == keep)
+			wal_maps[kept++] = wal_maps[i];
+		else
+			wal_unmap(&wal_maps[i]);
+	}
+	wal_nmaps = kept;
 }
 
 /* Bytes of the whole records at the start of data that fit in room */
@@ -242,57 +330,17 @@ next_chunk(const char *data, Size len, Size done, uint64 *pos)
 	return chunk;
 }
 
-/* pwrite() of records, or a write that fails half-way (fault point) */
-static ssize_t
-wal_pwrite(int fd, const char *data, Size len, off_t offset)
-{
-	if (io_fault("wal_write"))
-	{
-		ssize_t		half = pg_pwrite(fd, data, len / 2, offset);
-
-		errno = EIO;
-		return half < 0 ? -1 : half;
-	}
-	return pg_pwrite(fd, data, len, offset);
-}
-
-/*
- * Overwrite [from, upto) with zeros, which readers skip: the bytes a failed
- * write may have put there.  Caller holds wal_lock.  Returns false if some
- * could not be overwritten.
- */
-static bool
-wal_erase(uint64 from, uint64 upto)
-{
-	static const char zeros[8192];
-	uint64		segsize = wal_segment_bytes();
-
-	while (from < upto)
-	{
-		Size		n = Min(Min(upto - from, segsize - from % segsize), sizeof(zeros));
-		int			fd = wal_open_segment(from / segsize, LOG);
-
-		if (fd < 0 || pg_pwrite(fd, zeros, n, (off_t) (from % segsize)) != (ssize_t) n)
-			return false;
-		from += n;
-	}
-	return true;
-}
-
 /*
  * Write framed records at the insert position: as many whole records as
  * fit in the current segment, the rest from the start of the next ones.
- * One write() for a transaction's records unless they span segments.
  * Returns the position just past them, or 0 after reporting a failure at
- * elevel.  *in_log tells whether any of the records may be in the log,
- * also when the write failed.
+ * elevel.  *in_log tells whether any of the records may be in the log.
  */
 static uint64
 wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 {
 	DeferredShared *q = deferred_shared;
 	uint64		segsize = wal_segment_bytes();
-	uint64		first = 0;
 	uint64		pos;
 	Size		done;
 
@@ -300,12 +348,12 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 	LWLockAcquire(q->wal_lock, LW_EXCLUSIVE);
 
 	/*
-	 * Open (creating them if need be) all the segments the records go to
-	 * before writing any.  Creating a segment is what fails on a full disk
+	 * Map (creating them if need be) all the segments the records go to
+	 * before copying any.  Creating a segment is what fails on a full disk
 	 * or in an unwritable directory, and then nothing of this write must be
 	 * in the log: records written in part look committed to recovery unless
 	 * an abort marker follows them, and on a full disk the marker cannot be
-	 * written either.
+	 * written either.  Once they are mapped, nothing can fail.
 	 */
 	pos = q->wal_insert_pos;
 	for (done = 0; done < len;)
@@ -321,9 +369,7 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 					 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
 			return 0;
 		}
-		if (done == 0)
-			first = pos;
-		if (wal_open_segment(pos / segsize, elevel) < 0)
+		if (wal_map_segment(pos / segsize, elevel) == NULL)
 		{
 			LWLockRelease(q->wal_lock);
 			return 0;
@@ -332,53 +378,25 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 		done += chunk;
 	}
 
+	*in_log = true;
 	pos = q->wal_insert_pos;
 	for (done = 0; done < len;)
 	{
 		Size		chunk = next_chunk(data, len, done, &pos);
 		uint64		segno = pos / segsize;
-		int			fd;
-		int			slot;
-		ssize_t		written = -1;
+		int			slot = segno % WAL_SEGMENT_SLOTS;
 
-		/* opened above; reopened when the records span segments */
-		errno = 0;
-		fd = wal_open_segment(segno, LOG);
-		if (fd >= 0)
+		/* mapped above: this only looks the mapping up */
+		char	   *dst = wal_map_segment(segno, PANIC) + pos % segsize;
+
+		/* a crash half-way through the copy leaves a torn record (test point) */
+		if (deferred_fault_point != NULL)
 		{
-			*in_log = true;
-			pgstat_report_wait_start(PG_WAIT_EXTENSION);
-			errno = 0;
-			written = wal_pwrite(fd, data + done, chunk, (off_t) (pos % segsize));
-			pgstat_report_wait_end();
+			memcpy(dst, data + done, chunk / 2);
+			deferred_fault("mid_wal_write");
 		}
-		if (written != (ssize_t) chunk)
-		{
-			/*
-			 * Only a device error or a filesystem that allocates on overwrite
-			 * gets here: the segments exist.  Erase what this write put in
-			 * the log; the insert position stays where it was, so the next
-			 * write goes over it.  If even that fails, records of a
-			 * transaction that is about to fail may stay in the log, and
-			 * recovery would take them for committed: as PostgreSQL does when
-			 * it cannot write its WAL, PANIC, so that the outcome is in doubt
-			 * for the client rather than reported as an error.
-			 */
-			int			save_errno = errno ? errno : ENOSPC;
-			uint64		upto = pos + (written > 0 ? written : 0);
+		memcpy(dst, data + done, chunk);
 
-			if (wal_erase(first, upto))
-				*in_log = false;
-			LWLockRelease(q->wal_lock);
-			errno = save_errno;
-			ereport(*in_log && elevel >= ERROR ? PANIC : elevel,
-					(errcode_for_file_access(),
-					 errmsg("could not write to athena_deferred WAL segment %016llX: %m",
-							(unsigned long long) segno)));
-			return 0;
-		}
-
-		slot = segno % WAL_SEGMENT_SLOTS;
 		if (q->seg_segno[slot] != segno)
 		{
 			q->seg_segno[slot] = segno;
@@ -392,6 +410,8 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 	q->wal_insert_pos = pos;
 	LWLockRelease(q->wal_lock);
 
+	if (wal_nmaps > 1)
+		wal_unmap_all_but((pos - 1) / segsize);
 	return pos;
 }
 
@@ -685,8 +705,8 @@ wal_flush(uint64 upto)
 			{
 				char	   *path = wal_segment_path(segno);
 				/* mostly the segment this backend has just written to */
-				bool		own = (wal_fd >= 0 && wal_fd_segno == segno);
-				int			fd = own ? wal_fd : BasicOpenFile(path, O_RDWR | PG_BINARY);
+				bool		own = (wal_nmaps > 0 && wal_maps[0].segno == segno);
+				int			fd = own ? wal_maps[0].fd : BasicOpenFile(path, O_RDWR | PG_BINARY);
 
 				/* a segment removed meanwhile no longer matters */
 				if (fd < 0 && errno == ENOENT)

@@ -105,6 +105,24 @@ wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('after_wal_write'), '1|1', 'after_wal_write without xid: applied once');
 
+# killed half-way through copying its record into the mapped WAL segment
+# (as a device error reading the page back in would end it, with SIGBUS):
+# not acknowledged, and recovery takes the half record for a torn tail
+queue('mid_wal_write', 1, 50);
+my $log_offset = -s $node->logfile;
+($ret, $out, $err) = $node->psql('postgres', q{
+SET athena_deferred.fault_point = 'mid_wal_write';
+SELECT deferred_insert('t', '{"id": 1000, "point": "mid_wal_write"}');
+});
+isnt($ret, 0, 'mid_wal_write: the call was not acknowledged');
+wait_for_launcher();
+ok($node->log_contains(qr/LOG:  athena_deferred: torn record at the end of WAL segment/, $log_offset),
+	'mid_wal_write: recovery reported the half-copied record as a torn tail');
+is($node->safe_psql('postgres', 'SELECT torn_records, corrupt_records FROM deferred_stats()'), '1|0',
+	'mid_wal_write: one torn record, no corruption');
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(applied('mid_wal_write'), '50|50', 'mid_wal_write: acknowledged entries once, the torn one not at all');
+
 # --- worker points ----------------------------------------------------------
 
 for my $point ('before_flush_commit', 'after_flush_commit')
