@@ -7,23 +7,26 @@
  * The log is a series of pre-allocated, zero-filled segment files in
  * athena_deferred.wal_dir, named by segment number.  A committing
  * transaction frames all its entries into one buffer (one JSON record per
- * entry, see wal_format.h) and copies it, at a position taken under
- * wal_lock, into the segment, which each backend maps (MAP_SHARED) once and
- * keeps mapped: the copy lands in the kernel's page cache as a write()
- * would, without a system call per commit.  With wal_sync = always the
- * committer then waits until an fsync covers it; on Linux fdatasync()
- * writes out pages dirtied through a mapping like any others.  Concurrent
- * committers share that fsync: whoever gets wal_flush_lock syncs
- * everything written so far, the others wake up to find their records
- * already durable (as XLogFlush does).
+ * entry, see wal_format.h) and writes it at a position taken under
+ * wal_lock; then, with wal_sync = always, waits until an fsync covers it.
+ * Concurrent committers share that fsync: whoever gets wal_flush_lock
+ * syncs everything written so far, the others wake up to find their
+ * records already durable (as XLogFlush does).
  *
- * A copy cannot fail half-way and report it: the segment's blocks were
- * allocated and zeroed when it was created, so writing into its pages
- * needs no new space on filesystems that overwrite in place.  A device
- * error while the kernel reads such a page back in ends the process with
- * SIGBUS, and the postmaster restarts the server, as after the PANIC that
- * a failed write() of PostgreSQL's own WAL causes; the transaction was not
- * acknowledged, and recovery treats a record cut short as a torn tail.
+ * How the records reach the file depends on wal_sync.  With batch and off,
+ * each backend maps the segment it writes into (MAP_SHARED) and copies
+ * them in: they are then in the kernel's page cache, as after a write(),
+ * without a system call per commit (fdatasync() writes out pages dirtied
+ * through a mapping like any others).  With always, it uses one pwrite():
+ * each fsync write-protects the pages of every mapping again, and the
+ * page faults that follow on the next commits cost more than the pwrite().
+ *
+ * A copy into a mapping cannot fail and say so.  The segment's blocks were
+ * allocated and zeroed when it was created, so on a filesystem that
+ * overwrites in place the copy needs no new space; a device error while
+ * the kernel reads a page back in ends the process with SIGBUS, and the
+ * postmaster restarts the server, as after a PANIC.  The transaction was
+ * not acknowledged, and recovery takes a record cut short for a torn tail.
  *
  * Files are only ever appended to at the insert position, which moves to a
  * fresh segment after a restart; a segment is removed by the worker once
@@ -51,23 +54,23 @@
 #include "athena_deferred.h"
 #include "wal_format.h"
 
-/* A segment open and mapped for writing */
-typedef struct WalMap
+/* A segment open for writing, and mapped unless base is NULL */
+typedef struct WalSegment
 {
 	uint64		segno;
 	int			fd;
 	char	   *base;
-} WalMap;
+} WalSegment;
 
 /*
- * The segments this backend has mapped: the first is the one it wrote into
+ * The segments this backend has open: the first is the one it wrote into
  * last, kept between commits; the others are those of a write that spans
- * segments, let go when it is done (or by the next write, when an error cut
- * it short).
+ * segments, closed when it is done (or by the next write, when an error
+ * cut it short).
  */
-static WalMap *wal_maps = NULL;
-static int	wal_nmaps = 0;
-static int	wal_maps_size = 0;
+static WalSegment *wal_segs = NULL;
+static int	wal_nsegs = 0;
+static int	wal_segs_size = 0;
 
 /*
  * The first entry of this backend's latest wal_append(), and whether any of
@@ -79,12 +82,14 @@ static uint64 append_first_qseq = 0;
 static bool append_in_log = false;
 
 /*
- * Fault points that make an I/O call fail rather than kill the process
- * (deferred_fault() kills): a device error cannot be had otherwise in a
- * test.  Set per session, so only that session's calls fail.
+ * Whether athena_deferred.fault_point names point: for the points that make
+ * an I/O call fail rather than kill the process (deferred_fault() kills), a
+ * device error cannot be had otherwise in a test, and for those that must
+ * do something before deferred_fault() kills.  Set per session, so only
+ * that session's calls fail.
  */
 static bool
-io_fault(const char *point)
+fault_armed(const char *point)
 {
 	return deferred_fault_point != NULL && strcmp(deferred_fault_point, point) == 0;
 }
@@ -198,95 +203,109 @@ wal_create_segment(uint64 segno, int elevel)
 }
 
 static void
-wal_unmap(WalMap *m)
+wal_close_segment(WalSegment *seg)
 {
-	if (munmap(m->base, wal_segment_bytes()) != 0)
+	if (seg->base != NULL && munmap(seg->base, wal_segment_bytes()) != 0)
 		elog(LOG, "could not unmap athena_deferred WAL segment %016llX: %m",
-			 (unsigned long long) m->segno);
-	close(m->fd);
+			 (unsigned long long) seg->segno);
+	close(seg->fd);
 }
 
-/*
- * The mapping of a segment, opening (creating if need be) and mapping it if
- * this backend has not yet.  NULL after reporting a failure at elevel.
- */
-static char *
-wal_map_segment(uint64 segno, int elevel)
-{
-	char	   *path;
-	WalMap	   *m;
-	int			fd;
-	void	   *base;
-
-	for (int i = 0; i < wal_nmaps; i++)
-	{
-		if (wal_maps[i].segno == segno)
-			return wal_maps[i].base;
-	}
-
-	path = wal_segment_path(segno);
-	fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
-	if (fd < 0 && errno == ENOENT)
-	{
-		if (!wal_create_segment(segno, elevel))
-			return NULL;		/* reported */
-		fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
-	}
-	if (fd < 0)
-	{
-		ereport(elevel,
-				(errcode_for_file_access(),
-				 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
-		return NULL;
-	}
-	if (io_fault("wal_write"))
-	{
-		errno = EIO;
-		base = MAP_FAILED;
-	}
-	else
-		base = mmap(NULL, wal_segment_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (base == MAP_FAILED)
-	{
-		int			save_errno = errno;
-
-		close(fd);
-		errno = save_errno;
-		ereport(elevel,
-				(errcode_for_file_access(),
-				 errmsg("could not map athena_deferred WAL file \"%s\": %m", path)));
-		return NULL;
-	}
-
-	if (wal_nmaps == wal_maps_size)
-	{
-		wal_maps_size = Max(4, wal_maps_size * 2);
-		wal_maps = wal_maps == NULL
-			? MemoryContextAlloc(TopMemoryContext, sizeof(WalMap) * wal_maps_size)
-			: repalloc(wal_maps, sizeof(WalMap) * wal_maps_size);
-	}
-	m = &wal_maps[wal_nmaps++];
-	m->segno = segno;
-	m->fd = fd;
-	m->base = base;
-	pfree(path);
-	return base;
-}
-
-/* Keep only the mapping of segment keep (if mapped), as the first */
+/* Close the segments this backend has open, but keep (if open), as the first */
 static void
-wal_unmap_all_but(uint64 keep)
+wal_close_all_but(uint64 keep)
 {
 	int			kept = 0;
 
-	for (int i = 0; i < wal_nmaps; i++)
+	for (int i = 0; i < wal_nsegs; i++)
 	{
-		if (wal_maps[i].segno == keep)
-			wal_maps[kept++] = wal_maps[i];
+		if (wal_segs[i].segno == keep)
+			wal_segs[kept++] = wal_segs[i];
 		else
-			wal_unmap(&wal_maps[i]);
+			wal_close_segment(&wal_segs[i]);
 	}
-	wal_nmaps = kept;
+	wal_nsegs = kept;
+}
+
+/*
+ * A segment to write into: opened (created if need be) unless this backend
+ * has it open already, and mapped if map.  NULL after reporting a failure
+ * at elevel.
+ */
+static WalSegment *
+wal_open_segment(uint64 segno, bool map, int elevel)
+{
+	WalSegment *seg = NULL;
+	char	   *path;
+
+	for (int i = 0; i < wal_nsegs; i++)
+	{
+		if (wal_segs[i].segno == segno && (wal_segs[i].base != NULL || !map))
+			return &wal_segs[i];
+		if (wal_segs[i].segno == segno)
+			seg = &wal_segs[i];
+	}
+
+	path = wal_segment_path(segno);
+	if (seg == NULL)
+	{
+		int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+
+		if (fd < 0 && errno == ENOENT)
+		{
+			if (!wal_create_segment(segno, elevel))
+				return NULL;	/* reported */
+			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+		}
+		if (fd < 0)
+		{
+			ereport(elevel,
+					(errcode_for_file_access(),
+					 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
+			return NULL;
+		}
+		if (wal_nsegs == wal_segs_size)
+		{
+			wal_segs_size = Max(4, wal_segs_size * 2);
+			wal_segs = wal_segs == NULL
+				? MemoryContextAlloc(TopMemoryContext, sizeof(WalSegment) * wal_segs_size)
+				: repalloc(wal_segs, sizeof(WalSegment) * wal_segs_size);
+		}
+		seg = &wal_segs[wal_nsegs++];
+		seg->segno = segno;
+		seg->fd = fd;
+		seg->base = NULL;
+	}
+	if (map && seg->base == NULL)
+	{
+		void	   *base = MAP_FAILED;
+
+		errno = EIO;			/* what the fault point reports */
+		if (!fault_armed("wal_write"))
+			base = mmap(NULL, wal_segment_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED, seg->fd, 0);
+		if (base == MAP_FAILED)
+		{
+			ereport(elevel,
+					(errcode_for_file_access(),
+					 errmsg("could not map athena_deferred WAL file \"%s\": %m", path)));
+			return NULL;
+		}
+		seg->base = base;
+	}
+	pfree(path);
+	return seg;
+}
+
+/* pwrite() of records, or one that fails with nothing written (fault point) */
+static ssize_t
+wal_pwrite(int fd, const char *data, Size len, off_t offset)
+{
+	if (fault_armed("wal_write"))
+	{
+		errno = EIO;
+		return -1;
+	}
+	return pg_pwrite(fd, data, len, offset);
 }
 
 /* Bytes of the whole records at the start of data that fit in room */
@@ -334,13 +353,15 @@ next_chunk(const char *data, Size len, Size done, uint64 *pos)
  * Write framed records at the insert position: as many whole records as
  * fit in the current segment, the rest from the start of the next ones.
  * Returns the position just past them, or 0 after reporting a failure at
- * elevel.  *in_log tells whether any of the records may be in the log.
+ * elevel.  *in_log tells whether any of the records may be in the log,
+ * also when the write failed.
  */
 static uint64
 wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 {
 	DeferredShared *q = deferred_shared;
 	uint64		segsize = wal_segment_bytes();
+	bool		map = (deferred_wal_sync != WAL_SYNC_ALWAYS);
 	uint64		pos;
 	Size		done;
 
@@ -348,12 +369,12 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 	LWLockAcquire(q->wal_lock, LW_EXCLUSIVE);
 
 	/*
-	 * Map (creating them if need be) all the segments the records go to
-	 * before copying any.  Creating a segment is what fails on a full disk
+	 * Open (creating them if need be) all the segments the records go to
+	 * before writing any.  Creating a segment is what fails on a full disk
 	 * or in an unwritable directory, and then nothing of this write must be
 	 * in the log: records written in part look committed to recovery unless
 	 * an abort marker follows them, and on a full disk the marker cannot be
-	 * written either.  Once they are mapped, nothing can fail.
+	 * written either.
 	 */
 	pos = q->wal_insert_pos;
 	for (done = 0; done < len;)
@@ -369,7 +390,7 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 					 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
 			return 0;
 		}
-		if (wal_map_segment(pos / segsize, elevel) == NULL)
+		if (wal_open_segment(pos / segsize, map, elevel) == NULL)
 		{
 			LWLockRelease(q->wal_lock);
 			return 0;
@@ -378,7 +399,6 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 		done += chunk;
 	}
 
-	*in_log = true;
 	pos = q->wal_insert_pos;
 	for (done = 0; done < len;)
 	{
@@ -386,16 +406,53 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 		uint64		segno = pos / segsize;
 		int			slot = segno % WAL_SEGMENT_SLOTS;
 
-		/* mapped above: this only looks the mapping up */
-		char	   *dst = wal_map_segment(segno, PANIC) + pos % segsize;
+		/* opened above: this only looks it up */
+		WalSegment *seg = wal_open_segment(segno, map, PANIC);
+		ssize_t		written = chunk;
 
-		/* a crash half-way through the copy leaves a torn record (test point) */
-		if (deferred_fault_point != NULL)
+		/* a crash half-way through the write leaves a torn record (test point) */
+		if (fault_armed("mid_wal_write"))
 		{
-			memcpy(dst, data + done, chunk / 2);
+			if (seg->base != NULL)
+				memcpy(seg->base + pos % segsize, data + done, chunk / 2);
+			else
+				(void) pg_pwrite(seg->fd, data + done, chunk / 2, (off_t) (pos % segsize));
 			deferred_fault("mid_wal_write");
 		}
-		memcpy(dst, data + done, chunk);
+
+		if (seg->base != NULL)
+			memcpy(seg->base + pos % segsize, data + done, chunk);
+		else
+		{
+			errno = 0;
+			pgstat_report_wait_start(PG_WAIT_EXTENSION);
+			written = wal_pwrite(seg->fd, data + done, chunk, (off_t) (pos % segsize));
+			pgstat_report_wait_end();
+		}
+		if (written != (ssize_t) chunk)
+		{
+			/*
+			 * Only a device error or a filesystem that allocates on overwrite
+			 * gets here: the segments exist.  If nothing of this write is in
+			 * the log, the insert position stays where it was and the commit
+			 * fails.  Otherwise records of a transaction that is about to fail
+			 * are in the log, and recovery would take them for committed: as
+			 * PostgreSQL does when it cannot write its WAL, PANIC, so that the
+			 * outcome is in doubt for the client rather than reported as an
+			 * error.
+			 */
+			int			save_errno = errno ? errno : ENOSPC;
+
+			*in_log = (done > 0 || written > 0);
+			LWLockRelease(q->wal_lock);
+			errno = save_errno;
+			ereport(*in_log && elevel >= ERROR ? PANIC : elevel,
+					(errcode_for_file_access(),
+					 errmsg("could not write to athena_deferred WAL segment %016llX: %m",
+							(unsigned long long) segno)));
+			return 0;
+		}
+		*in_log = true;
 
 		if (q->seg_segno[slot] != segno)
 		{
@@ -410,8 +467,8 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 	q->wal_insert_pos = pos;
 	LWLockRelease(q->wal_lock);
 
-	if (wal_nmaps > 1)
-		wal_unmap_all_but((pos - 1) / segsize);
+	if (wal_nsegs > 1)
+		wal_close_all_but((pos - 1) / segsize);
 	return pos;
 }
 
@@ -666,7 +723,7 @@ wal_append(DeferredEntry **entries, int nentries, TransactionId xid)
 static int
 wal_fdatasync(int fd)
 {
-	if (io_fault("wal_fsync"))
+	if (fault_armed("wal_fsync"))
 	{
 		errno = EIO;
 		return -1;
@@ -705,8 +762,8 @@ wal_flush(uint64 upto)
 			{
 				char	   *path = wal_segment_path(segno);
 				/* mostly the segment this backend has just written to */
-				bool		own = (wal_nmaps > 0 && wal_maps[0].segno == segno);
-				int			fd = own ? wal_maps[0].fd : BasicOpenFile(path, O_RDWR | PG_BINARY);
+				bool		own = (wal_nsegs > 0 && wal_segs[0].segno == segno);
+				int			fd = own ? wal_segs[0].fd : BasicOpenFile(path, O_RDWR | PG_BINARY);
 
 				/* a segment removed meanwhile no longer matters */
 				if (fd < 0 && errno == ENOENT)

@@ -105,23 +105,35 @@ wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('after_wal_write'), '1|1', 'after_wal_write without xid: applied once');
 
-# killed half-way through copying its record into the mapped WAL segment
-# (as a device error reading the page back in would end it, with SIGBUS):
-# not acknowledged, and recovery takes the half record for a torn tail
-queue('mid_wal_write', 1, 50);
-my $log_offset = -s $node->logfile;
-($ret, $out, $err) = $node->psql('postgres', q{
+# killed half-way through writing its record, as a kill -9 can cut a
+# pwrite() short (wal_sync = always) or a copy into the mapped segment
+# (batch; a device error there ends the backend with SIGBUS): not
+# acknowledged, and recovery takes the half record for a torn tail
+for my $mode ('always', 'batch')
+{
+	my $tag = "mid_wal_write_$mode";
+	$node->safe_psql('postgres', "ALTER SYSTEM SET athena_deferred.wal_sync = '$mode'");
+	$node->reload;
+	$node->poll_query_until('postgres', "SELECT current_setting('athena_deferred.wal_sync') = '$mode'")
+	  or die "wal_sync = $mode not taken";
+	queue($tag, 1, 50);
+	my $log_offset = -s $node->logfile;
+	($ret, $out, $err) = $node->psql('postgres', qq{
 SET athena_deferred.fault_point = 'mid_wal_write';
-SELECT deferred_insert('t', '{"id": 1000, "point": "mid_wal_write"}');
+SELECT deferred_insert('t', '{"id": 1000, "point": "$tag"}');
 });
-isnt($ret, 0, 'mid_wal_write: the call was not acknowledged');
-wait_for_launcher();
-ok($node->log_contains(qr/LOG:  athena_deferred: torn record at the end of WAL segment/, $log_offset),
-	'mid_wal_write: recovery reported the half-copied record as a torn tail');
-is($node->safe_psql('postgres', 'SELECT torn_records, corrupt_records FROM deferred_stats()'), '1|0',
-	'mid_wal_write: one torn record, no corruption');
-$node->safe_psql('postgres', 'SELECT deferred_flush()');
-is(applied('mid_wal_write'), '50|50', 'mid_wal_write: acknowledged entries once, the torn one not at all');
+	isnt($ret, 0, "$tag: the call was not acknowledged");
+	wait_for_launcher();
+	ok($node->log_contains(qr/LOG:  athena_deferred: torn record at the end of WAL segment/, $log_offset),
+		"$tag: recovery reported the half-written record as a torn tail");
+	is($node->safe_psql('postgres', 'SELECT torn_records, corrupt_records FROM deferred_stats()'), '1|0',
+		"$tag: one torn record, no corruption");
+	$node->safe_psql('postgres', 'SELECT deferred_flush()');
+	is(applied($tag), '50|50', "$tag: acknowledged entries once, the torn one not at all");
+	unlink($node->data_dir . '/pg_athena_deferred/fault.mid_wal_write');
+}
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET athena_deferred.wal_sync');
+$node->reload;
 
 # --- worker points ----------------------------------------------------------
 
