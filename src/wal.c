@@ -249,7 +249,17 @@ wal_open_segment(uint64 segno, bool map, int elevel)
 	path = wal_segment_path(segno);
 	if (seg == NULL)
 	{
-		int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+		int			fd;
+
+		/* room first: an error after the open would lose the descriptor */
+		if (wal_nsegs == wal_segs_size)
+		{
+			wal_segs_size = Max(4, wal_segs_size * 2);
+			wal_segs = wal_segs == NULL
+				? MemoryContextAlloc(TopMemoryContext, sizeof(WalSegment) * wal_segs_size)
+				: repalloc(wal_segs, sizeof(WalSegment) * wal_segs_size);
+		}
+		fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
 
 		if (fd < 0 && errno == ENOENT)
 		{
@@ -263,13 +273,6 @@ wal_open_segment(uint64 segno, bool map, int elevel)
 					(errcode_for_file_access(),
 					 errmsg("could not open athena_deferred WAL file \"%s\": %m", path)));
 			return NULL;
-		}
-		if (wal_nsegs == wal_segs_size)
-		{
-			wal_segs_size = Max(4, wal_segs_size * 2);
-			wal_segs = wal_segs == NULL
-				? MemoryContextAlloc(TopMemoryContext, sizeof(WalSegment) * wal_segs_size)
-				: repalloc(wal_segs, sizeof(WalSegment) * wal_segs_size);
 		}
 		seg = &wal_segs[wal_nsegs++];
 		seg->segno = segno;
@@ -296,16 +299,41 @@ wal_open_segment(uint64 segno, bool map, int elevel)
 	return seg;
 }
 
-/* pwrite() of records, or one that fails with nothing written (fault point) */
+/* pwrite() of records, or a write that fails half-way (fault point) */
 static ssize_t
 wal_pwrite(int fd, const char *data, Size len, off_t offset)
 {
 	if (fault_armed("wal_write"))
 	{
+		ssize_t		half = pg_pwrite(fd, data, len / 2, offset);
+
 		errno = EIO;
-		return -1;
+		return half < 0 ? -1 : half;
 	}
 	return pg_pwrite(fd, data, len, offset);
+}
+
+/*
+ * Overwrite [from, upto) with zeros, which readers skip: the bytes a failed
+ * pwrite() may have put there.  Caller holds wal_lock.  Returns false if
+ * some could not be overwritten.
+ */
+static bool
+wal_erase(uint64 from, uint64 upto)
+{
+	static const char zeros[8192];
+	uint64		segsize = wal_segment_bytes();
+
+	while (from < upto)
+	{
+		Size		n = Min(Min(upto - from, segsize - from % segsize), sizeof(zeros));
+		WalSegment *seg = wal_open_segment(from / segsize, false, LOG);
+
+		if (seg == NULL || pg_pwrite(seg->fd, zeros, n, (off_t) (from % segsize)) != (ssize_t) n)
+			return false;
+		from += n;
+	}
+	return true;
 }
 
 /* Bytes of the whole records at the start of data that fit in room */
@@ -362,6 +390,7 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 	DeferredShared *q = deferred_shared;
 	uint64		segsize = wal_segment_bytes();
 	bool		map = (deferred_wal_sync != WAL_SYNC_ALWAYS);
+	uint64		first = 0;
 	uint64		pos;
 	Size		done;
 
@@ -390,6 +419,8 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 					 errhint("Queue smaller entries, or increase athena_deferred.wal_segment_size.")));
 			return 0;
 		}
+		if (done == 0)
+			first = pos;
 		if (wal_open_segment(pos / segsize, map, elevel) == NULL)
 		{
 			LWLockRelease(q->wal_lock);
@@ -413,14 +444,14 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 		/* a crash half-way through the write leaves a torn record (test point) */
 		if (fault_armed("mid_wal_write"))
 		{
-			if (seg->base != NULL)
+			if (map)
 				memcpy(seg->base + pos % segsize, data + done, chunk / 2);
 			else
 				(void) pg_pwrite(seg->fd, data + done, chunk / 2, (off_t) (pos % segsize));
 			deferred_fault("mid_wal_write");
 		}
 
-		if (seg->base != NULL)
+		if (map)
 			memcpy(seg->base + pos % segsize, data + done, chunk);
 		else
 		{
@@ -433,17 +464,18 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 		{
 			/*
 			 * Only a device error or a filesystem that allocates on overwrite
-			 * gets here: the segments exist.  If nothing of this write is in
-			 * the log, the insert position stays where it was and the commit
-			 * fails.  Otherwise records of a transaction that is about to fail
-			 * are in the log, and recovery would take them for committed: as
-			 * PostgreSQL does when it cannot write its WAL, PANIC, so that the
-			 * outcome is in doubt for the client rather than reported as an
-			 * error.
+			 * gets here: the segments exist.  Erase what this write put in
+			 * the log; the insert position stays where it was, so the next
+			 * write goes over it.  If even that fails, records of a
+			 * transaction that is about to fail may stay in the log, and
+			 * recovery would take them for committed: as PostgreSQL does when
+			 * it cannot write its WAL, PANIC, so that the outcome is in doubt
+			 * for the client rather than reported as an error.
 			 */
 			int			save_errno = errno ? errno : ENOSPC;
+			uint64		upto = pos + (written > 0 ? written : 0);
 
-			*in_log = (done > 0 || written > 0);
+			*in_log = !wal_erase(first, upto);
 			LWLockRelease(q->wal_lock);
 			errno = save_errno;
 			ereport(*in_log && elevel >= ERROR ? PANIC : elevel,

@@ -201,15 +201,16 @@ my ($after_acked) = calls('after', 1, 50);
 is(scalar(@$after_acked), 50, 'space freed: calls succeed again');
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 
-# A write that fails (a device error, fault point wal_write) fails the
-# commit with nothing of it in the log.  Failing commits give back the
-# queue space they had accounted for: more of them fail than the queue
-# (1MB) holds, all with the write error, never with 53000 (queue full).
+# A write that fails half-way (a device error, fault point wal_write;
+# wal_sync = always writes with pwrite()) is erased and fails the commit.
+# Failing commits give back the queue space they had accounted for: more of
+# them fail than the queue (1MB) holds, all with the write error, never
+# with 53000 (queue full).
 ($acked, $codes) = calls('leak', 1, 60, pad => 30000,
 	setup => "SET athena_deferred.enqueue_timeout_ms = 0;\nSET athena_deferred.fault_point = 'wal_write';\n");
-is(scalar(@$acked), 0, 'write failing, 60 calls of 30kB: none acknowledged');
-is(scalar(@$codes), 60, 'write failing, 60 calls of 30kB: all failed');
-ok(codes_are($codes, '58030'), 'write failing, 60 calls of 30kB: all 58030, the queue did not fill up');
+is(scalar(@$acked), 0, 'write failing half-way, 60 calls of 30kB: none acknowledged');
+is(scalar(@$codes), 60, 'write failing half-way, 60 calls of 30kB: all failed');
+ok(codes_are($codes, '58030'), 'write failing half-way, 60 calls of 30kB: all 58030, the queue did not fill up');
 ($ret, $out, $err) = $node->psql('postgres', q{
 \set VERBOSITY verbose
 SET athena_deferred.fault_point = 'wal_write';
@@ -220,11 +221,13 @@ RESET athena_deferred.fault_point;
 SELECT 'ack:' || deferred_insert('t', '{"k": 21, "tag": "torn"}');
 }, on_error_stop => 0);
 like($err, qr/ERROR:  58030: could not write to athena_deferred WAL segment [0-9A-F]+: Input\/output error/,
-	'write failing: ERROR 58030');
-like($out, qr/^ack:\d+$/m, 'write failing: the next call succeeds');
+	'write failing half-way: ERROR 58030');
+like($out, qr/^ack:\d+$/m, 'write failing half-way: the next call succeeds');
 
 # With wal_sync = batch a backend copies records into the segment mapped
 # in memory: a segment that cannot be mapped fails the commit the same way.
+# (The fault point fails the mapping, which a backend makes once per
+# segment: hence a new session.)
 $node->safe_psql('postgres', "ALTER SYSTEM SET athena_deferred.wal_sync = 'batch'");
 $node->reload;
 $node->poll_query_until('postgres', "SELECT current_setting('athena_deferred.wal_sync') = 'batch'")
@@ -253,12 +256,12 @@ wait_for_launcher();
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is(applied('after'), expect([1 .. 50]), 'after kill -9: acknowledged entries applied once');
 is(applied('full'), expect($full_acked), 'after kill -9: earlier entries still once');
-is(applied('torn'), '21|once', 'after kill -9: nothing of the write that failed');
+is(applied('torn'), '21|once', 'after kill -9: nothing of the write that failed half-way');
 is(applied('leak'), '|once', 'after kill -9: none of the other failed writes either');
 is(applied('unmapped'), '2|once', 'after kill -9: nothing of the commit whose segment was not mapped');
 ok(!-e "$waldir/tmp.99999", 'half-made segment removed by recovery');
 is($node->safe_psql('postgres', 'SELECT torn_records + corrupt_records FROM deferred_stats()'), '0',
-	'no damaged record in the WAL: the failed write wrote nothing');
+	'no damaged record in the WAL: the failed write was erased');
 no_panic('disk full, then space freed');
 
 # ------------------------------------------------------- unwritable dir
