@@ -53,6 +53,11 @@ typedef struct Replay
 	uint64		seg_max_qseq;
 	uint64		max_qseq;
 	List	   *entries;		/* ScannedEntry *, not yet filtered */
+	bool		damaged;		/* damage reported since the last record */
+	List	   *write;			/* entries of a multi-entry write, while incomplete */
+	int			write_n;		/* how many records that write has (0: none) */
+	int			write_next;		/* the index its next record should have */
+	bool		write_keep;		/* no record of it missing where nothing was written */
 	List	   *aborted;		/* qseqs abandoned after pre-commit */
 	List	   *dropped;		/* DROP EXTENSION markers: DatabaseSettled */
 } Replay;
@@ -172,6 +177,70 @@ entry_from_record(json_t *rec, TransactionId *xid_out)
 	return (DeferredEntry *) buf.data;
 }
 
+/*
+ * Forget the entries of a multi-entry write that stopped short: their
+ * transaction was not acknowledged, and none of them may be applied.
+ */
+static void
+replay_write_incomplete(Replay *r)
+{
+	if (r->write_n == 0)
+		return;
+	ereport(LOG,
+			(errmsg("athena_deferred: %d of the %d entries of a transaction's write found, up to WAL segment %s, the rest missing: none applied",
+					list_length(r->write), r->write_n, r->segment),
+			 errdetail("A write was cut short by a crash; its transaction was never acknowledged.")));
+	r->write = NIL;
+	r->write_n = 0;
+}
+
+/*
+ * Take an entry read from the log: the index-th of the n entries of its
+ * transaction's write (n is 0 in records of a single entry and of 0.3.0).
+ * The entries of one write are contiguous in the log, and are kept only
+ * once its last record is read.  A write that stops short was cut by a
+ * crash before its transaction was acknowledged: none of it is applied.
+ * Records missing in the middle are lost either to damage, reported as
+ * such (the others are kept, as for single entries), or to pages that an
+ * OS crash did not write, which are zeros: then the transaction is not
+ * applied at all, rather than in part.
+ */
+static void
+replay_entry(Replay *r, ScannedEntry *se, int n, int index)
+{
+	bool		damaged = r->damaged;
+
+	r->damaged = false;
+	if (n <= 1 || index == 0 || r->write_n != n || index < r->write_next)
+		replay_write_incomplete(r);
+	if (n <= 1)
+	{
+		r->entries = lappend(r->entries, se);
+		return;
+	}
+	if (r->write_n == 0)
+	{
+		r->write_n = n;
+		r->write_next = 0;
+		r->write_keep = true;
+	}
+	if (index > r->write_next && !damaged)
+		r->write_keep = false;
+	r->write = lappend(r->write, se);
+	r->write_next = index + 1;
+	if (index < n - 1)
+		return;
+	if (r->write_keep)
+		r->entries = list_concat(r->entries, r->write);
+	else
+		ereport(LOG,
+				(errmsg("athena_deferred: a transaction's write in WAL segment %s lacks records where nothing was written: none of its %d entries applied",
+						r->segment, n),
+				 errdetail("Some of its pages did not reach the disk before a crash; its transaction was never acknowledged as durable.")));
+	r->write = NIL;
+	r->write_n = 0;
+}
+
 static void
 replay_record(void *arg, json_t *rec, size_t offset)
 {
@@ -190,12 +259,14 @@ replay_record(void *arg, json_t *rec, size_t offset)
 		else
 		{
 			ScannedEntry *se = palloc(sizeof(ScannedEntry));
+			int			n = (int) json_integer_value(json_object_get(rec, "n"));
+			int			index = (int) json_integer_value(json_object_get(rec, "i"));
 
 			se->entry = e;
 			se->xid = xid;
 			r->seg_max_qseq = Max(r->seg_max_qseq, e->qseq);
 			r->max_qseq = Max(r->max_qseq, e->qseq);
-			r->entries = lappend(r->entries, se);
+			replay_entry(r, se, n, index);
 		}
 	}
 	else if (type != NULL && strcmp(type, "a") == 0)
@@ -241,6 +312,7 @@ replay_damage(void *arg, bool torn, size_t offset, size_t len)
 {
 	Replay	   *r = arg;
 
+	r->damaged = true;
 	if (torn)
 		ereport(LOG,
 				(errmsg("athena_deferred: torn record at the end of WAL segment %s (offset %zu, %zu bytes) ignored",
@@ -414,6 +486,8 @@ recovery_scan(void)
 		if (i == 0)
 			deferred_fault("mid_recovery");
 	}
+
+	replay_write_incomplete(&r);
 
 	/* keep what is committed and not abandoned; once each, in order */
 	list_sort(r.entries, compare_entries);

@@ -536,6 +536,11 @@ append_record(StringInfo buf, json_t *rec, int elevel)
  * {"t":"e","id":..,"q":..,"db":..,"role":..,"rel":..,"op":..,"xid":..,
  *  "at":..,"att":..,"p":[{"k":..,"j":"text"},..]}
  *
+ * When a transaction queued more than one entry, each of its records also
+ * has "n", their number, and "i", its place among them (after "att"):
+ * recovery applies such a transaction's entries only if it finds them all,
+ * so that a write cut short by a crash is not applied in part.
+ *
  * (Records of version 0.3.0 and before also have "c", the part's column
  * names, and "n", whether each value is null, in each part; recovery
  * ignores them: the text has the same names.)
@@ -655,10 +660,11 @@ record_forget_large(void)
 
 /*
  * Write entry e, queued by transaction xid, as a framed record at offset off
- * of record_buf, growing it as needed.  Returns the record's size.
+ * of record_buf, growing it as needed: the index-th of the transaction's n
+ * records.  Returns the record's size.
  */
 static Size
-record_append(const DeferredEntry *e, TransactionId xid, Size off)
+record_append(const DeferredEntry *e, TransactionId xid, int index, int n, Size off)
 {
 	const DeferredPart *part = entry_first_part(e);
 	Size		start = off + WAL_RECORD_HEADER;
@@ -668,8 +674,8 @@ record_append(const DeferredEntry *e, TransactionId xid, Size off)
 	if (record_text == NULL)
 		record_text = json_checked(json_string_nocheck(""));
 
-	/* the fixed keys: nine numbers of at most 20 bytes, with their names */
-	record_buf_reserve(pos + 320);
+	/* the fixed keys: eleven numbers of at most 20 bytes, with their names */
+	record_buf_reserve(pos + 384);
 	memcpy(record_buf + pos, "{\"t\":\"e\"", 8);
 	pos += 8;
 	record_put_int(&pos, "id", e->id);
@@ -681,6 +687,11 @@ record_append(const DeferredEntry *e, TransactionId xid, Size off)
 	record_put_int(&pos, "xid", xid);
 	record_put_int(&pos, "at", e->enqueued_at);
 	record_put_int(&pos, "att", e->attempts);
+	if (n > 1)
+	{
+		record_put_int(&pos, "n", n);
+		record_put_int(&pos, "i", index);
+	}
 	record_put(&pos, ",\"p\":[", 6);
 
 	for (int i = 0; i < e->nparts; i++, part = part_next(part))
@@ -742,7 +753,7 @@ wal_append(DeferredEntry **entries, int nentries, TransactionId xid)
 
 	for (int i = 0; i < nentries; i++)
 	{
-		len += record_append(entries[i], xid, len);
+		len += record_append(entries[i], xid, i, nentries, len);
 		max_qseq = Max(max_qseq, entries[i]->qseq);
 	}
 	append_first_qseq = entries[0]->qseq;

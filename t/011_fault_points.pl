@@ -144,6 +144,35 @@ SELECT deferred_insert('t', '{"id": 1000, "point": "$tag"}');
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET athena_deferred.wal_sync');
 $node->reload;
 
+# the same in a transaction without an xid that queued three entries: its
+# first record is whole in the log, but its write is not, so none of the
+# three is applied.  (Queuing can give the transaction an xid, when the id
+# sequence logs itself; then the write is tried again in a new one.)
+queue('mid_wal_write_three', 1, 50);
+my $log_offset = -s $node->logfile;
+($ret, $out, $err) = $node->psql('postgres', q{
+BEGIN;
+SELECT count(deferred_insert('t', jsonb_build_object('id', 1000 + g, 'point', 'mid_wal_write_three'))) FROM generate_series(1, 3) g;
+SELECT txid_current_if_assigned() IS NULL AS noxid \gset
+\if :noxid
+\else
+ROLLBACK;
+BEGIN;
+SELECT count(deferred_insert('t', jsonb_build_object('id', 1000 + g, 'point', 'mid_wal_write_three'))) FROM generate_series(1, 3) g;
+\endif
+SELECT 'noxid:' || (txid_current_if_assigned() IS NULL);
+SET LOCAL athena_deferred.fault_point = 'mid_wal_write';
+COMMIT;
+});
+like($out, qr/^noxid:true$/m, 'mid_wal_write, three entries: the transaction had no xid');
+isnt($ret, 0, 'mid_wal_write, three entries: the commit was not acknowledged');
+wait_for_launcher();
+ok($node->log_contains(qr/LOG:  athena_deferred: 1 of the 3 entries of a transaction's write found, up to WAL segment \S+, the rest missing: none applied/, $log_offset),
+	'mid_wal_write, three entries: recovery found the first whole and the write incomplete');
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(applied('mid_wal_write_three'), '50|50', 'mid_wal_write, three entries: none of them applied');
+unlink($node->data_dir . '/pg_athena_deferred/fault.mid_wal_write');
+
 # --- worker points ----------------------------------------------------------
 
 for my $point ('before_flush_commit', 'after_flush_commit')

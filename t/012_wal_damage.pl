@@ -1,7 +1,8 @@
 # Damaged WAL: a torn tail is ignored with a LOG line and everything before
 # it recovered; a flipped byte in the middle is reported loudly and the
-# records around it recovered; empty segments and a missing WAL directory
-# are harmless.  Nothing is skipped without a message and a counter.
+# records around it recovered; a transaction some of whose records were
+# never written is not applied at all; empty segments and a missing WAL
+# directory are harmless.  Nothing is skipped without a message.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -96,6 +97,29 @@ is(count_tag('flipped'), '99|99', 'flipped byte: the damaged record lost, the 99
 is($node->safe_psql('postgres', 'SELECT corrupt_records FROM deferred_stats()'), '1', 'corruption counted');
 ok($node->log_contains(qr/WARNING:  athena_deferred: corrupt data in WAL segment .* skipped/, $log_offset),
 	'corruption reported with a WARNING');
+
+# --- records of one transaction missing where nothing was written -----------
+# An OS crash can write some pages of a transaction's write and not others:
+# its records then stop where zeros (never-written space) begin and go on
+# after them.  Such a transaction was not durable; applying the records
+# that did reach the disk would apply it in part, so none of them is.
+queue('unwritten', 100);
+$node->stop('immediate');
+($file, $end, $data) = last_data();
+my ($from, $to) = (0, 0);
+for my $i (1 .. 60)
+{
+	my $len = unpack('V', substr($data, $to + 4, 4));
+	$from = $to if $i == 41;
+	$to += (16 + $len + 7) & ~7;
+}
+write_at($file, $from, "\0" x ($to - $from));
+$log_offset = -s $node->logfile;
+$node->start;
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(count_tag('unwritten'), '0|0', 'records 41-60 of 100 never written: none of the transaction applied');
+ok($node->log_contains(qr/LOG:  athena_deferred: a transaction's write in WAL segment \S+ lacks records where nothing was written: none of its 100 entries applied/, $log_offset),
+	'the incomplete transaction reported with a LOG line');
 
 # --- an empty segment in the directory ----------------------------------------
 queue('empty', 50);
