@@ -54,6 +54,9 @@ typedef struct Replay
 	uint64		max_qseq;
 	List	   *entries;		/* ScannedEntry *, not yet filtered */
 	bool		damaged;		/* damage reported since the last record */
+	const char *torn_segment;	/* where the torn tail is, if any */
+	size_t		torn_offset;
+	size_t		torn_len;
 	List	   *write;			/* entries of a multi-entry write, while incomplete */
 	int			write_n;		/* how many records that write has (0: none) */
 	int			write_next;		/* the index its next record should have */
@@ -314,15 +317,46 @@ replay_damage(void *arg, bool torn, size_t offset, size_t len)
 
 	r->damaged = true;
 	if (torn)
+	{
 		ereport(LOG,
 				(errmsg("athena_deferred: torn record at the end of WAL segment %s (offset %zu, %zu bytes) ignored",
 						r->segment, offset, len),
 				 errdetail("A write was cut short by a crash; its transaction was never acknowledged. New records go to a new segment.")));
+		r->torn_segment = r->segment;
+		r->torn_offset = offset;
+		r->torn_len = len;
+	}
 	else
 		ereport(WARNING,
 				(errmsg("athena_deferred: corrupt data in WAL segment %s at offset %zu (%zu bytes) skipped",
 						r->segment, offset, len),
 				 errdetail("Entries stored in the damaged bytes cannot be recovered; the records around them are.")));
+}
+
+/*
+ * Overwrite a torn tail with zeros, durably.  New records go to a new
+ * segment, so this one will not be the last one holding data at the next
+ * recovery, which would then take the torn bytes for corruption.  A
+ * failure costs only that false alarm.
+ */
+static void
+erase_torn_tail(const char *path, size_t offset, size_t len)
+{
+	int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
+	char	   *zeros = palloc0(len);
+	bool		ok;
+
+	ok = fd >= 0 &&
+		pg_pwrite(fd, zeros, len, (off_t) offset) == (ssize_t) len &&
+		pg_fsync(fd) == 0;
+	if (!ok)
+		ereport(LOG,
+				(errcode_for_file_access(),
+				 errmsg("could not erase the torn record in athena_deferred WAL file \"%s\": %m", path),
+				 errdetail("The next recovery will report it as corrupt data.")));
+	if (fd >= 0)
+		close(fd);
+	pfree(zeros);
 }
 
 static int
@@ -488,6 +522,8 @@ recovery_scan(void)
 	}
 
 	replay_write_incomplete(&r);
+	if (r.torn_segment != NULL)
+		erase_torn_tail(r.torn_segment, r.torn_offset, r.torn_len);
 
 	/* keep what is committed and not abandoned; once each, in order */
 	list_sort(r.entries, compare_entries);
