@@ -53,14 +53,11 @@ typedef struct Replay
 	uint64		seg_max_qseq;
 	uint64		max_qseq;
 	List	   *entries;		/* ScannedEntry *, not yet filtered */
-	bool		damaged;		/* damage reported since the last record */
+	List	   *write;			/* entries of the multi-entry write being read */
+	int			write_n;		/* how many records that write has (0: none) */
 	const char *torn_segment;	/* where the torn tail is, if any */
 	size_t		torn_offset;
 	size_t		torn_len;
-	List	   *write;			/* entries of a multi-entry write, while incomplete */
-	int			write_n;		/* how many records that write has (0: none) */
-	int			write_next;		/* the index its next record should have */
-	bool		write_keep;		/* no record of it missing where nothing was written */
 	List	   *aborted;		/* qseqs abandoned after pre-commit */
 	List	   *dropped;		/* DROP EXTENSION markers: DatabaseSettled */
 } Replay;
@@ -181,65 +178,55 @@ entry_from_record(json_t *rec, TransactionId *xid_out)
 }
 
 /*
- * Forget the entries of a multi-entry write that stopped short: their
- * transaction was not acknowledged, and none of them may be applied.
+ * The records of a transaction that queued several entries are written
+ * together, each with their number and its place among them, and follow
+ * each other in the log (a write may go on at the start of the next
+ * segment).  Their entries are taken once the last of them is read, or
+ * once another write follows: records lost in between, to damage or to an
+ * OS crash that wrote later pages and not earlier ones, cost only their
+ * own entries, as before.  A write still unfinished at the end of the log
+ * was cut short by a crash, before its transaction was acknowledged, and
+ * none of it is applied: a transaction is not applied in part because its
+ * write was.
  */
 static void
-replay_write_incomplete(Replay *r)
+replay_write_done(Replay *r)
 {
-	if (r->write_n == 0)
-		return;
-	ereport(LOG,
-			(errmsg("athena_deferred: %d of the %d entries of a transaction's write found, up to WAL segment %s, the rest missing: none applied",
-					list_length(r->write), r->write_n, r->segment),
-			 errdetail("A write was cut short by a crash; its transaction was never acknowledged.")));
+	r->entries = list_concat(r->entries, r->write);
 	r->write = NIL;
 	r->write_n = 0;
 }
 
-/*
- * Take an entry read from the log: the index-th of the n entries of its
- * transaction's write (n is 0 in records of a single entry and of 0.3.0).
- * The entries of one write are contiguous in the log, and are kept only
- * once its last record is read.  A write that stops short was cut by a
- * crash before its transaction was acknowledged: none of it is applied.
- * Records missing in the middle are lost either to damage, reported as
- * such (the others are kept, as for single entries), or to pages that an
- * OS crash did not write, which are zeros: then the transaction is not
- * applied at all, rather than in part.
- */
+/* Take an entry: the index-th of its write's n (n is 0 for a single entry) */
 static void
 replay_entry(Replay *r, ScannedEntry *se, int n, int index)
 {
-	bool		damaged = r->damaged;
-
-	r->damaged = false;
-	if (n <= 1 || index == 0 || r->write_n != n || index < r->write_next)
-		replay_write_incomplete(r);
+	if (n > 1 && (index < 0 || index >= n))
+		n = 0;					/* not a place in a write: take it alone */
+	/* another write begins */
+	if (r->write_n != 0 && (n != r->write_n || index < list_length(r->write) || index == 0))
+		replay_write_done(r);
 	if (n <= 1)
 	{
 		r->entries = lappend(r->entries, se);
 		return;
 	}
-	if (r->write_n == 0)
-	{
-		r->write_n = n;
-		r->write_next = 0;
-		r->write_keep = true;
-	}
-	if (index > r->write_next && !damaged)
-		r->write_keep = false;
+	r->write_n = n;
 	r->write = lappend(r->write, se);
-	r->write_next = index + 1;
-	if (index < n - 1)
+	if (index == n - 1)
+		replay_write_done(r);
+}
+
+/* At the end of the log: a write still unfinished is dropped */
+static void
+replay_write_cut_short(Replay *r)
+{
+	if (r->write_n == 0)
 		return;
-	if (r->write_keep)
-		r->entries = list_concat(r->entries, r->write);
-	else
-		ereport(LOG,
-				(errmsg("athena_deferred: a transaction's write in WAL segment %s lacks records where nothing was written: none of its %d entries applied",
-						r->segment, n),
-				 errdetail("Some of its pages did not reach the disk before a crash; its transaction was never acknowledged as durable.")));
+	ereport(LOG,
+			(errmsg("athena_deferred: the last records of a transaction's write are missing at the end of the WAL (segment %s): none of the %d of its entries read is applied",
+					r->segment, list_length(r->write)),
+			 errdetail("A write was cut short by a crash; its transaction was never acknowledged.")));
 	r->write = NIL;
 	r->write_n = 0;
 }
@@ -315,7 +302,6 @@ replay_damage(void *arg, bool torn, size_t offset, size_t len)
 {
 	Replay	   *r = arg;
 
-	r->damaged = true;
 	if (torn)
 	{
 		ereport(LOG,
@@ -342,13 +328,20 @@ replay_damage(void *arg, bool torn, size_t offset, size_t len)
 static void
 erase_torn_tail(const char *path, size_t offset, size_t len)
 {
+	static const char zeros[8192];
 	int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
-	char	   *zeros = palloc0(len);
-	bool		ok;
+	bool		ok = (fd >= 0);
 
-	ok = fd >= 0 &&
-		pg_pwrite(fd, zeros, len, (off_t) offset) == (ssize_t) len &&
-		pg_fsync(fd) == 0;
+	errno = 0;
+	for (size_t done = 0; ok && done < len;)
+	{
+		size_t		n = Min(len - done, sizeof(zeros));
+
+		ok = (pg_pwrite(fd, zeros, n, (off_t) (offset + done)) == (ssize_t) n);
+		done += n;
+	}
+	if (ok)
+		ok = (pg_fsync(fd) == 0);
 	if (!ok)
 		ereport(LOG,
 				(errcode_for_file_access(),
@@ -356,7 +349,6 @@ erase_torn_tail(const char *path, size_t offset, size_t len)
 				 errdetail("The next recovery will report it as corrupt data.")));
 	if (fd >= 0)
 		close(fd);
-	pfree(zeros);
 }
 
 static int
@@ -521,7 +513,7 @@ recovery_scan(void)
 			deferred_fault("mid_recovery");
 	}
 
-	replay_write_incomplete(&r);
+	replay_write_cut_short(&r);
 	if (r.torn_segment != NULL)
 		erase_torn_tail(r.torn_segment, r.torn_offset, r.torn_len);
 

@@ -1,8 +1,8 @@
 # Damaged WAL: a torn tail is ignored with a LOG line and everything before
 # it recovered; a flipped byte in the middle is reported loudly and the
-# records around it recovered; a transaction some of whose records were
-# never written is not applied at all; empty segments and a missing WAL
-# directory are harmless.  Nothing is skipped without a message.
+# records around it recovered; a transaction whose write is missing its
+# end is not applied at all; empty segments and a missing WAL directory are
+# harmless.  Nothing is skipped without a message.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -17,11 +17,13 @@ shared_preload_libraries = 'athena_deferred'
 athena_deferred.batch_window_ms = 0
 athena_deferred.batch_max_size = 0
 athena_deferred.wal_segment_size = '1MB'
+max_prepared_transactions = 2
 });
 $node->start;
 $node->safe_psql('postgres', q{
 CREATE EXTENSION athena_deferred;
 CREATE TABLE t (id int, tag text);
+CREATE TABLE t2 (id int);
 });
 my $waldir = $node->data_dir . '/pg_athena_deferred';
 
@@ -64,25 +66,31 @@ sub count_tag
 
 # --- torn tail: half a record after the last one -----------------------------
 queue('torn', 100);
+# a prepared transaction locks the table, so that the entries, recovered
+# after each crash, stay pending and their segment stays in place
+$node->safe_psql('postgres', "BEGIN; LOCK TABLE t; PREPARE TRANSACTION 'hold_t'");
 $node->stop('immediate');
 my ($file, $end, $data) = last_data();
 # a copy of the first record's header and a few payload bytes: cut short
 write_at($file, $end, substr($data, 0, 16) . 'xxxx');
 my $log_offset = -s $node->logfile;
 $node->start;
+# a call waits for recovery; its record goes to a newer segment, after
+# which a tear left in the old one would count as corruption
+$node->safe_psql('postgres', q{SELECT deferred_insert('t2', '{"id": 1}')});
 is($node->safe_psql('postgres', 'SELECT torn_records, corrupt_records FROM deferred_stats()'), '1|0',
 	'torn tail counted');
 ok($node->log_contains(qr/LOG:  athena_deferred: torn record at the end of WAL segment/, $log_offset),
 	'torn tail reported with a LOG line');
-# recovery erased it: at the next crash, with records in a newer segment,
-# its segment is no longer the last, and the tear would look like corruption
-$node->safe_psql('postgres', q{SELECT deferred_insert('t', '{"id": 101, "tag": "torn"}')});
+is(substr(slurp_file($file), $end, 20), "\0" x 20, 'torn tail erased by the recovery that found it');
 $node->stop('immediate');
 $node->start;
+$node->safe_psql('postgres', q{SELECT deferred_insert('t2', '{"id": 2}')});
 is($node->safe_psql('postgres', 'SELECT torn_records, corrupt_records FROM deferred_stats()'), '0|0',
-	'torn tail erased by the recovery that found it: no damage at the next one');
+	'no damage found at the next recovery');
+$node->safe_psql('postgres', "ROLLBACK PREPARED 'hold_t'");
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
-is(count_tag('torn'), '101|101', 'torn tail: every complete record recovered, once, across both crashes');
+is(count_tag('torn'), '100|100', 'torn tail: every complete record recovered, once, across both crashes');
 
 # --- a flipped byte in the middle ---------------------------------------------
 queue('flipped', 100);
@@ -105,28 +113,27 @@ is($node->safe_psql('postgres', 'SELECT corrupt_records FROM deferred_stats()'),
 ok($node->log_contains(qr/WARNING:  athena_deferred: corrupt data in WAL segment .* skipped/, $log_offset),
 	'corruption reported with a WARNING');
 
-# --- records of one transaction missing where nothing was written -----------
-# An OS crash can write some pages of a transaction's write and not others:
-# its records then stop where zeros (never-written space) begin and go on
-# after them.  Such a transaction was not durable; applying the records
-# that did reach the disk would apply it in part, so none of them is.
-queue('unwritten', 100);
+# --- the end of a transaction's write never written ------------------------
+# An OS crash can leave the last pages of a transaction's write unwritten
+# (zeros, where nothing is reported as damage): the transaction was not
+# durable, and applying the records that did reach the disk would apply it
+# in part, so none of them is.
+queue('unfinished', 100);
 $node->stop('immediate');
 ($file, $end, $data) = last_data();
-my ($from, $to) = (0, 0);
-for my $i (1 .. 60)
+my $from = 0;
+for (1 .. 80)
 {
-	my $len = unpack('V', substr($data, $to + 4, 4));
-	$from = $to if $i == 41;
-	$to += (16 + $len + 7) & ~7;
+	my $len = unpack('V', substr($data, $from + 4, 4));
+	$from += (16 + $len + 7) & ~7;
 }
-write_at($file, $from, "\0" x ($to - $from));
+write_at($file, $from, "\0" x ($end - $from));
 $log_offset = -s $node->logfile;
 $node->start;
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
-is(count_tag('unwritten'), '0|0', 'records 41-60 of 100 never written: none of the transaction applied');
-ok($node->log_contains(qr/LOG:  athena_deferred: a transaction's write in WAL segment \S+ lacks records where nothing was written: none of its 100 entries applied/, $log_offset),
-	'the incomplete transaction reported with a LOG line');
+is(count_tag('unfinished'), '0|0', 'records 81-100 of 100 never written: none of the transaction applied');
+ok($node->log_contains(qr/LOG:  athena_deferred: the last records of a transaction's write are missing at the end of the WAL \(segment \S+\): none of the 80 of its entries read is applied/, $log_offset),
+	'the unfinished write reported with a LOG line');
 
 # --- an empty segment in the directory ----------------------------------------
 queue('empty', 50);
