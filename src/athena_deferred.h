@@ -346,6 +346,7 @@ extern void wal_flush(uint64 upto);
 extern void wal_flush_written(void);
 extern void wal_append_abort(DeferredEntry **entries, int nentries);
 extern void wal_append_database_settled(Oid dbid, uint64 upto);
+extern void wal_append_abandoned(List *qseqs);
 extern long wal_sync_due_in(void);
 extern void wal_remove_settled(uint64 settled_qseq);
 extern void wal_prepare_segments(void);

@@ -55,6 +55,8 @@ typedef struct Replay
 	List	   *entries;		/* ScannedEntry *, not yet filtered */
 	List	   *write;			/* entries of the multi-entry write being read */
 	int			write_n;		/* how many records that write has (0: none) */
+	uint64		write_base;		/* its first entry's number (they are consecutive) */
+	List	   *cut;			/* numbers of entries of a write cut short */
 	const char *torn_segment;	/* where the torn tail is, if any */
 	size_t		torn_offset;
 	size_t		torn_len;
@@ -181,13 +183,14 @@ entry_from_record(json_t *rec, TransactionId *xid_out)
  * The records of a transaction that queued several entries are written
  * together, each with their number and its place among them, and follow
  * each other in the log (a write may go on at the start of the next
- * segment).  Their entries are taken once the last of them is read, or
- * once another write follows: records lost in between, to damage or to an
- * OS crash that wrote later pages and not earlier ones, cost only their
- * own entries, as before.  A write still unfinished at the end of the log
- * was cut short by a crash, before its transaction was acknowledged, and
- * none of it is applied: a transaction is not applied in part because its
- * write was.
+ * segment); the entries' numbers are consecutive.  Their entries are taken
+ * once the last of them is read, or once another record follows: records
+ * lost in between, to damage or to an OS crash that wrote later pages and
+ * not earlier ones, cost only their own entries, as before.  A write still
+ * unfinished at the end of the log was cut short by a crash: unless its
+ * transaction has an xid, whose commit the commit log then decides, it was
+ * never acknowledged, and none of it is applied, now or at any later
+ * recovery (recovery_scan logs them as abandoned).
  */
 static void
 replay_write_done(Replay *r)
@@ -204,7 +207,9 @@ replay_entry(Replay *r, ScannedEntry *se, int n, int index)
 	if (n > 1 && (index < 0 || index >= n))
 		n = 0;					/* not a place in a write: take it alone */
 	/* another write begins */
-	if (r->write_n != 0 && (n != r->write_n || index < list_length(r->write) || index == 0))
+	if (r->write_n != 0 &&
+		(n != r->write_n || se->entry->qseq - index != r->write_base ||
+		 index < list_length(r->write)))
 		replay_write_done(r);
 	if (n <= 1)
 	{
@@ -212,6 +217,7 @@ replay_entry(Replay *r, ScannedEntry *se, int n, int index)
 		return;
 	}
 	r->write_n = n;
+	r->write_base = se->entry->qseq - index;
 	r->write = lappend(r->write, se);
 	if (index == n - 1)
 		replay_write_done(r);
@@ -221,8 +227,27 @@ replay_entry(Replay *r, ScannedEntry *se, int n, int index)
 static void
 replay_write_cut_short(Replay *r)
 {
+	ListCell   *lc;
+
 	if (r->write_n == 0)
 		return;
+	if (TransactionIdIsNormal(((ScannedEntry *) linitial(r->write))->xid))
+	{
+		ereport(WARNING,
+				(errmsg("athena_deferred: the last %d records of a transaction's write are missing at the end of the WAL (segment %s)",
+						r->write_n - list_length(r->write), r->segment),
+				 errdetail("If its transaction committed, its other %d entries are applied; the missing ones were lost in a crash.",
+						   list_length(r->write))));
+		replay_write_done(r);
+		return;
+	}
+	foreach(lc, r->write)
+	{
+		uint64	   *q = palloc(sizeof(uint64));
+
+		*q = ((ScannedEntry *) lfirst(lc))->entry->qseq;
+		r->cut = lappend(r->cut, q);
+	}
 	ereport(LOG,
 			(errmsg("athena_deferred: the last records of a transaction's write are missing at the end of the WAL (segment %s): none of the %d of its entries read is applied",
 					r->segment, list_length(r->write)),
@@ -236,6 +261,10 @@ replay_record(void *arg, json_t *rec, size_t offset)
 {
 	Replay	   *r = arg;
 	const char *type = json_string_value(json_object_get(rec, "t"));
+
+	/* a write is never interrupted by another kind of record */
+	if (type == NULL || strcmp(type, "e") != 0)
+		replay_write_done(r);
 
 	if (type != NULL && strcmp(type, "e") == 0)
 	{
@@ -561,6 +590,14 @@ recovery_scan(void)
 	pg_atomic_write_u64(&q->wal_flushed_pos, q->wal_insert_pos);
 	q->wal_oldest_segno = nsegs > 0 ? segnos[0] : 0;
 	LWLockRelease(q->wal_lock);
+
+	/*
+	 * What was dropped for being cut short stays dropped: the records that
+	 * reached the log would otherwise look whole once a newer record
+	 * follows them.  Logged durably before any call is let in.
+	 */
+	if (r.cut != NIL)
+		wal_append_abandoned(r.cut);
 }
 
 /* Launcher: the databases that recovery_scan() found entries of */

@@ -538,8 +538,7 @@ append_record(StringInfo buf, json_t *rec, int elevel)
  *
  * When a transaction queued more than one entry, each of its records also
  * has "n", their number, and "i", its place among them (after "att"):
- * recovery applies such a transaction's entries only if it finds them all,
- * so that a write cut short by a crash is not applied in part.
+ * recovery does not apply a write cut short by a crash in part.
  *
  * (Records of version 0.3.0 and before also have "c", the part's column
  * names, and "n", whether each value is null, in each part; recovery
@@ -864,6 +863,28 @@ wal_append_abort(DeferredEntry **entries, int nentries)
 	initStringInfo(&buf);
 	if (append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", qseqs), WARNING))
 		(void) wal_write(buf.data, buf.len, 0, WARNING, &in_log);
+}
+
+/*
+ * Recovery: log, durably, that entries (a list of uint64 *) were abandoned:
+ * records of a write that a crash cut short.
+ */
+void
+wal_append_abandoned(List *qseqs)
+{
+	json_t	   *array = json_array();
+	StringInfoData buf;
+	bool		in_log;
+	ListCell   *lc;
+
+	if (!deferred_wal_enabled)
+		return;
+	foreach(lc, qseqs)
+		json_array_append_new(array, json_integer((json_int_t) *(uint64 *) lfirst(lc)));
+	initStringInfo(&buf);
+	(void) append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", array), ERROR);
+	wal_flush(wal_write(buf.data, buf.len, 0, ERROR, &in_log));
+	pfree(buf.data);
 }
 
 /*

@@ -16,6 +16,7 @@ shared_preload_libraries = 'athena_deferred'
 athena_deferred.batch_window_ms = 0
 athena_deferred.batch_max_size = 0
 athena_deferred.wal_segment_size = '64kB'
+max_prepared_transactions = 2
 restart_after_crash = on
 });
 $node->start;
@@ -23,6 +24,7 @@ $node->safe_psql('postgres', q{
 CREATE EXTENSION athena_deferred;
 CREATE TABLE t (id int, point text);
 CREATE TABLE plain (id int);
+CREATE TABLE t3 (id int, point text);
 });
 
 sub wait_for_launcher
@@ -136,21 +138,31 @@ SELECT deferred_insert('t', '{"id": 1000, "point": "$tag"}');
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET athena_deferred.wal_sync');
 $node->reload;
 
-# the same in a transaction without an xid that queued three entries: its
-# first record is whole in the log, but its write is not, so none of the
-# three is applied.  (Queuing can give the transaction an xid, when the id
-# sequence logs itself; then the write is tried again in a new one.)
+# the same in a transaction without an xid that queued three entries (into
+# t3): its first record is whole in the log, but its write is not, so none
+# of the three is applied, neither then nor at the next recovery, when a
+# newer record follows the whole one.  A prepared transaction locks t, so
+# that the 50 entries queued before stay pending across both crashes and
+# keep the segment of the cut write in place.  (Queuing can give the
+# transaction an xid, when the id sequence logs itself; then the write is
+# tried again in a new one.)
+sub applied_t3
+{
+	my ($point) = @_;
+	return $node->safe_psql('postgres', "SELECT count(*) || '|' || count(DISTINCT id) FROM t3 WHERE point = '$point'");
+}
 queue('mid_wal_write_three', 1, 50);
+$node->safe_psql('postgres', "BEGIN; LOCK TABLE t; PREPARE TRANSACTION 'hold_t'");
 my $log_offset = -s $node->logfile;
 ($ret, $out, $err) = $node->psql('postgres', q{
 BEGIN;
-SELECT count(deferred_insert('t', jsonb_build_object('id', 1000 + g, 'point', 'mid_wal_write_three'))) FROM generate_series(1, 3) g;
+SELECT count(deferred_insert('t3', jsonb_build_object('id', g, 'point', 'three'))) FROM generate_series(1, 3) g;
 SELECT txid_current_if_assigned() IS NULL AS noxid \gset
 \if :noxid
 \else
 ROLLBACK;
 BEGIN;
-SELECT count(deferred_insert('t', jsonb_build_object('id', 1000 + g, 'point', 'mid_wal_write_three'))) FROM generate_series(1, 3) g;
+SELECT count(deferred_insert('t3', jsonb_build_object('id', g, 'point', 'three'))) FROM generate_series(1, 3) g;
 \endif
 SELECT 'noxid:' || (txid_current_if_assigned() IS NULL);
 SET LOCAL athena_deferred.fault_point = 'mid_wal_write';
@@ -158,12 +170,20 @@ COMMIT;
 });
 like($out, qr/^noxid:true$/m, 'mid_wal_write, three entries: the transaction had no xid');
 isnt($ret, 0, 'mid_wal_write, three entries: the commit was not acknowledged');
+unlink($node->data_dir . '/pg_athena_deferred/fault.mid_wal_write');
 wait_for_launcher();
-$node->safe_psql('postgres', 'SELECT deferred_flush()');
+# a call waits for recovery; its entry is the newer record
+$node->safe_psql('postgres', q{SELECT deferred_insert('t3', '{"id": 1, "point": "after"}')});
 ok($node->log_contains(qr/LOG:  athena_deferred: the last records of a transaction's write are missing at the end of the WAL \(segment \S+\): none of the 1 of its entries read is applied/, $log_offset),
 	'mid_wal_write, three entries: recovery found the first whole and the write cut short');
-is(applied('mid_wal_write_three'), '50|50', 'mid_wal_write, three entries: none of them applied');
-unlink($node->data_dir . '/pg_athena_deferred/fault.mid_wal_write');
+$node->stop('immediate');
+$node->start;
+wait_for_launcher();
+$node->safe_psql('postgres', "ROLLBACK PREPARED 'hold_t'");
+$node->safe_psql('postgres', 'SELECT deferred_flush()');
+is(applied_t3('three'), '0|0', 'mid_wal_write, three entries: none applied, also after another crash');
+is(applied_t3('after'), '1|1', 'mid_wal_write, three entries: the entry queued after them applied once');
+is(applied('mid_wal_write_three'), '50|50', 'mid_wal_write, three entries: the entries acknowledged before, once');
 
 # --- worker points ----------------------------------------------------------
 
