@@ -361,11 +361,11 @@ erase_torn_tail(const char *path, size_t offset, size_t len)
 	int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
 	bool		ok = (fd >= 0);
 
-	errno = 0;
 	for (size_t done = 0; ok && done < len;)
 	{
 		size_t		n = Min(len - done, sizeof(zeros));
 
+		errno = ENOSPC;			/* for a short write, which sets none */
 		ok = (pg_pwrite(fd, zeros, n, (off_t) (offset + done)) == (ssize_t) n);
 		done += n;
 	}
