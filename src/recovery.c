@@ -56,7 +56,8 @@ typedef struct Replay
 	List	   *write;			/* entries of the multi-entry write being read */
 	int			write_n;		/* how many records that write has (0: none) */
 	uint64		write_base;		/* its first entry's number (they are consecutive) */
-	List	   *cut;			/* numbers of entries of a write cut short */
+	List	   *cut;			/* numbers of entries abandoned: their write was
+								 * cut short or their transaction did not commit */
 	const char *torn_segment;	/* where the torn tail is, if any */
 	size_t		torn_offset;
 	size_t		torn_len;
@@ -566,8 +567,21 @@ recovery_scan(void)
 
 			abandoned |= (d->dbid == e->dbid && e->qseq < d->upto);
 		}
-		if (abandoned || !entry_committed(se->xid))
+		if (abandoned)
 			continue;
+		if (!entry_committed(se->xid))
+		{
+			/*
+			 * Final now that every transaction from before the restart has
+			 * ended; logged below, as the verdict could change later (an
+			 * xid that wrote no WAL of PostgreSQL's can be handed out again).
+			 */
+			uint64	   *q = palloc(sizeof(uint64));
+
+			*q = e->qseq;
+			r.cut = lappend(r.cut, q);
+			continue;
+		}
 		scanned_entries = lappend(scanned_entries, e);
 	}
 	/*
@@ -592,9 +606,10 @@ recovery_scan(void)
 	LWLockRelease(q->wal_lock);
 
 	/*
-	 * What was dropped for being cut short stays dropped: the records that
-	 * reached the log would otherwise look whole once a newer record
-	 * follows them.  Logged durably before any call is let in.
+	 * What was dropped stays dropped: the records of a write cut short
+	 * would look whole once a newer record follows them, and the commit log
+	 * could later say otherwise of an xid.  Logged durably before any call
+	 * is let in; if that fails (a full disk), recovery goes on all the same.
 	 */
 	if (r.cut != NIL)
 		wal_append_abandoned(r.cut);

@@ -866,24 +866,40 @@ wal_append_abort(DeferredEntry **entries, int nentries)
 }
 
 /*
- * Recovery: log, durably, that entries (a list of uint64 *) were abandoned:
- * records of a write that a crash cut short.
+ * Recovery: log, durably, that entries (a list of uint64 *) were abandoned,
+ * in records of at most 1000 entries, which fit in the smallest segment.
+ * Failures are WARNINGs: recovery goes on without the records.
  */
 void
 wal_append_abandoned(List *qseqs)
 {
-	json_t	   *array = json_array();
 	StringInfoData buf;
-	bool		in_log;
 	ListCell   *lc;
+	json_t	   *array = NULL;
+	int			n = 0;
+	bool		in_log;
+	uint64		end;
 
 	if (!deferred_wal_enabled)
 		return;
-	foreach(lc, qseqs)
-		json_array_append_new(array, json_integer((json_int_t) *(uint64 *) lfirst(lc)));
 	initStringInfo(&buf);
-	(void) append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", array), ERROR);
-	wal_flush(wal_write(buf.data, buf.len, 0, ERROR, &in_log));
+	foreach(lc, qseqs)
+	{
+		if (array == NULL)
+			array = json_array();
+		json_array_append_new(array, json_integer((json_int_t) *(uint64 *) lfirst(lc)));
+		if (++n % 1000 == 0 || lnext(qseqs, lc) == NULL)
+		{
+			if (!append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", array), WARNING))
+				return;
+			array = NULL;
+		}
+	}
+	end = wal_write(buf.data, buf.len, 0, WARNING, &in_log);
+	if (end != 0)
+		wal_flush(end);
+	/* the launcher writes nothing else: do not keep the segment open */
+	wal_close_all_but(PG_UINT64_MAX);
 	pfree(buf.data);
 }
 
