@@ -238,13 +238,13 @@ wal_open_segment(uint64 segno, bool map, int elevel)
 	WalSegment *seg = NULL;
 	char	   *path;
 
-	for (int i = 0; i < wal_nsegs; i++)
+	for (int i = 0; i < wal_nsegs && seg == NULL; i++)
 	{
-		if (wal_segs[i].segno == segno && (wal_segs[i].base != NULL || !map))
-			return &wal_segs[i];
 		if (wal_segs[i].segno == segno)
 			seg = &wal_segs[i];
 	}
+	if (seg != NULL && (seg->base != NULL || !map))
+		return seg;
 
 	path = wal_segment_path(segno);
 	if (seg == NULL)
