@@ -1043,7 +1043,7 @@ queue_flushed(uint64 target)
 /*
  * Entries of the current database in the queue: pending ones, plus one if
  * open transactions hold space for more.  *next_qseq is the number the
- * next entry will get.
+ * next entry will get.  An ERROR before recovery has restored the queue.
  */
 int64
 queue_database_pending(uint64 *next_qseq)
@@ -1052,6 +1052,16 @@ queue_database_pending(uint64 *next_qseq)
 	int64		n = 0;
 
 	LWLockAcquire(deferred_shared->lock, LW_SHARED);
+	/* before recovery the queue does not yet hold what the WAL does */
+	if (!deferred_shared->recovered)
+	{
+		LWLockRelease(deferred_shared->lock);
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("athena_deferred has not finished recovering its queue"),
+				 errdetail("The launcher replays the WAL of pending entries when the server starts; until then it cannot tell whether this database has entries queued."),
+				 errhint("Retry in a moment.")));
+	}
 	*next_qseq = deferred_shared->next_qseq;
 	db = queue_database_slot(MyDatabaseId, false);
 	if (db != NULL)
