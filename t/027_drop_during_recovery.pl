@@ -2,8 +2,9 @@
 # the WAL is replayed, the queue does not show what the database has
 # pending, so the drop is refused rather than logging the database's
 # entries as settled (which would lose the acknowledged ones).  Recovery is
-# held up here by a database whose worker cannot connect: recovery waits
-# for every database found in the WAL to report its progress.
+# held up here from another database: it waits for every database found in
+# the WAL to report its progress, and a prepared transaction there keeps
+# that database's worker from reading its progress table.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -16,6 +17,7 @@ $node->append_conf('postgresql.conf', q{
 shared_preload_libraries = 'athena_deferred'
 athena_deferred.batch_window_ms = 0
 athena_deferred.batch_max_size = 0
+max_prepared_transactions = 2
 });
 $node->start;
 for my $db ('postgres', 'held')
@@ -27,11 +29,11 @@ CREATE TABLE t (id int);
 });
 }
 
-# entries pending in both databases, then a crash, with 'held' closed to
-# connections so that its worker cannot report its progress
+# entries pending in both databases, then a crash, with the progress table
+# of 'held' locked by a prepared transaction, which outlives the crash
 $node->safe_psql('postgres', q{SELECT deferred_insert('t', '{"id": 1}')});
 $node->safe_psql('held', q{SELECT deferred_insert('t', '{"id": 2}')});
-$node->safe_psql('postgres', 'ALTER DATABASE held WITH ALLOW_CONNECTIONS false');
+$node->safe_psql('held', q{BEGIN; LOCK TABLE deferred_progress; PREPARE TRANSACTION 'hold_progress'});
 $node->stop('immediate');
 $node->start;
 
@@ -40,7 +42,7 @@ isnt($ret, 0, 'DROP EXTENSION during recovery: refused');
 like($err, qr/athena_deferred has not finished recovering its queue/, 'DROP EXTENSION during recovery: says why');
 
 # once recovery can finish, the entries are applied, and the drop works
-$node->safe_psql('postgres', 'ALTER DATABASE held WITH ALLOW_CONNECTIONS true');
+$node->safe_psql('held', q{ROLLBACK PREPARED 'hold_progress'});
 $node->safe_psql('postgres', 'SELECT deferred_flush()');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), '1', 'the entry of postgres applied');
 $node->safe_psql('held', 'SELECT deferred_flush()');
