@@ -31,7 +31,8 @@
  * Files are only ever appended to at the insert position, which moves to a
  * fresh segment after a restart; a segment is removed by the worker once
  * every entry in it is settled and the flush that settled it has committed.
- * Nothing is truncated or rewritten.
+ * Nothing is truncated; nothing is rewritten but a torn tail, which the
+ * recovery that finds it overwrites with zeros (recovery.c).
  *
  * This file knows nothing of SQL.
  *
