@@ -346,11 +346,12 @@ extern void wal_flush(uint64 upto);
 extern void wal_flush_written(void);
 extern void wal_append_abort(DeferredEntry **entries, int nentries);
 extern void wal_append_database_settled(Oid dbid, uint64 upto);
-extern void wal_append_abandoned(List *qseqs);
+extern void wal_append_abandoned(const uint64 *qseqs, int n);
 extern long wal_sync_due_in(void);
 extern void wal_remove_settled(uint64 settled_qseq);
 extern void wal_prepare_segments(void);
 extern char *wal_segment_path(uint64 segno);
+extern bool wal_write_zeros(int fd, uint64 offset, uint64 len);
 extern uint64 wal_segment_bytes(void);
 
 /* recovery.c */

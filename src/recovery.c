@@ -56,8 +56,10 @@ typedef struct Replay
 	List	   *write;			/* entries of the multi-entry write being read */
 	int			write_n;		/* how many records that write has (0: none) */
 	uint64		write_base;		/* its first entry's number (they are consecutive) */
-	List	   *cut;			/* numbers of entries abandoned: their write was
+	uint64	   *cut;			/* numbers of entries abandoned: their write was
 								 * cut short or their transaction did not commit */
+	int			ncut;
+	int			cut_size;
 	const char *torn_segment;	/* where the torn tail is, if any */
 	size_t		torn_offset;
 	size_t		torn_len;
@@ -224,6 +226,19 @@ replay_entry(Replay *r, ScannedEntry *se, int n, int index)
 		replay_write_done(r);
 }
 
+/* Remember an entry that is not applied, to log it as abandoned */
+static void
+replay_abandon(Replay *r, uint64 qseq)
+{
+	if (r->ncut == r->cut_size)
+	{
+		r->cut_size = Max(64, r->cut_size * 2);
+		r->cut = r->cut == NULL ? palloc(sizeof(uint64) * r->cut_size)
+			: repalloc(r->cut, sizeof(uint64) * r->cut_size);
+	}
+	r->cut[r->ncut++] = qseq;
+}
+
 /* At the end of the log: a write still unfinished is dropped */
 static void
 replay_write_cut_short(Replay *r)
@@ -243,12 +258,7 @@ replay_write_cut_short(Replay *r)
 		return;
 	}
 	foreach(lc, r->write)
-	{
-		uint64	   *q = palloc(sizeof(uint64));
-
-		*q = ((ScannedEntry *) lfirst(lc))->entry->qseq;
-		r->cut = lappend(r->cut, q);
-	}
+		replay_abandon(r, ((ScannedEntry *) lfirst(lc))->entry->qseq);
 	ereport(LOG,
 			(errmsg("athena_deferred: the last records of a transaction's write are missing at the end of the WAL (segment %s): none of the %d of its entries read is applied",
 					r->segment, list_length(r->write)),
@@ -358,21 +368,9 @@ replay_damage(void *arg, bool torn, size_t offset, size_t len)
 static void
 erase_torn_tail(const char *path, size_t offset, size_t len)
 {
-	static const char zeros[8192];
 	int			fd = BasicOpenFile(path, O_RDWR | PG_BINARY);
-	bool		ok = (fd >= 0);
 
-	for (size_t done = 0; ok && done < len;)
-	{
-		size_t		n = Min(len - done, sizeof(zeros));
-
-		errno = ENOSPC;			/* for a short write, which sets none */
-		ok = (pg_pwrite(fd, zeros, n, (off_t) (offset + done)) == (ssize_t) n);
-		done += n;
-	}
-	if (ok)
-		ok = (pg_fsync(fd) == 0);
-	if (!ok)
+	if (fd < 0 || !wal_write_zeros(fd, offset, len) || pg_fsync(fd) != 0)
 		ereport(LOG,
 				(errcode_for_file_access(),
 				 errmsg("could not erase the torn record in athena_deferred WAL file \"%s\": %m", path),
@@ -576,10 +574,7 @@ recovery_scan(void)
 			 * ended; logged below, as the verdict could change later (an
 			 * xid that wrote no WAL of PostgreSQL's can be handed out again).
 			 */
-			uint64	   *q = palloc(sizeof(uint64));
-
-			*q = e->qseq;
-			r.cut = lappend(r.cut, q);
+			replay_abandon(&r, e->qseq);
 			continue;
 		}
 		scanned_entries = lappend(scanned_entries, e);
@@ -611,8 +606,8 @@ recovery_scan(void)
 	 * could later say otherwise of an xid.  Logged durably before any call
 	 * is let in; if that fails (a full disk), recovery goes on all the same.
 	 */
-	if (r.cut != NIL)
-		wal_append_abandoned(r.cut);
+	if (r.ncut > 0)
+		wal_append_abandoned(r.cut, r.ncut);
 }
 
 /* Launcher: the databases that recovery_scan() found entries of */

@@ -101,6 +101,27 @@ wal_segment_bytes(void)
 	return (uint64) deferred_wal_segment_size_kb * 1024;
 }
 
+/*
+ * Write len zero bytes at offset of fd.  False on failure, with errno set
+ * (ENOSPC for a short write, which sets none).
+ */
+bool
+wal_write_zeros(int fd, uint64 offset, uint64 len)
+{
+	static const char zeros[65536];
+
+	for (uint64 done = 0; done < len;)
+	{
+		Size		n = Min(len - done, sizeof(zeros));
+
+		errno = ENOSPC;
+		if (pg_pwrite(fd, zeros, n, (off_t) (offset + done)) != (ssize_t) n)
+			return false;
+		done += n;
+	}
+	return true;
+}
+
 /* Path of a segment (palloc'd) */
 char *
 wal_segment_path(uint64 segno)
@@ -119,9 +140,7 @@ wal_create_segment(uint64 segno, int elevel)
 {
 	char	   *path = wal_segment_path(segno);
 	char	   *tmppath = psprintf("%s/tmp.%d", deferred_wal_dir, MyProcPid);
-	static char zeros[65536];
 	uint64		size = wal_segment_bytes();
-	uint64		done;
 	int			fd;
 	bool		linked;
 
@@ -135,23 +154,17 @@ wal_create_segment(uint64 segno, int elevel)
 				 errmsg("could not create athena_deferred WAL file \"%s\": %m", tmppath)));
 		return false;
 	}
-	for (done = 0; done < size; done += sizeof(zeros))
+	if (!wal_write_zeros(fd, 0, size))
 	{
-		Size		chunk = Min(sizeof(zeros), size - done);
+		int			save_errno = errno;
 
-		errno = 0;
-		if (write(fd, zeros, chunk) != (ssize_t) chunk)
-		{
-			int			save_errno = errno ? errno : ENOSPC;
-
-			close(fd);
-			unlink(tmppath);
-			errno = save_errno;
-			ereport(elevel,
-					(errcode_for_file_access(),
-					 errmsg("could not zero-fill athena_deferred WAL file \"%s\": %m", tmppath)));
-			return false;
-		}
+		close(fd);
+		unlink(tmppath);
+		errno = save_errno;
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not zero-fill athena_deferred WAL file \"%s\": %m", tmppath)));
+		return false;
 	}
 	/*
 	 * A failed fsync here loses nothing: the file is thrown away, and the
@@ -300,43 +313,6 @@ wal_open_segment(uint64 segno, bool map, int elevel)
 	return seg;
 }
 
-/* pwrite() of records, or a write that fails half-way (fault point) */
-static ssize_t
-wal_pwrite(int fd, const char *data, Size len, off_t offset)
-{
-	if (fault_armed("wal_write"))
-	{
-		ssize_t		half = pg_pwrite(fd, data, len / 2, offset);
-
-		errno = EIO;
-		return half < 0 ? -1 : half;
-	}
-	return pg_pwrite(fd, data, len, offset);
-}
-
-/*
- * Overwrite [from, upto) with zeros, which readers skip: the bytes a failed
- * pwrite() may have put there.  Caller holds wal_lock.  Returns false if
- * some could not be overwritten.
- */
-static bool
-wal_erase(uint64 from, uint64 upto)
-{
-	static const char zeros[8192];
-	uint64		segsize = wal_segment_bytes();
-
-	while (from < upto)
-	{
-		Size		n = Min(Min(upto - from, segsize - from % segsize), sizeof(zeros));
-		WalSegment *seg = wal_open_segment(from / segsize, false, LOG);
-
-		if (seg == NULL || pg_pwrite(seg->fd, zeros, n, (off_t) (from % segsize)) != (ssize_t) n)
-			return false;
-		from += n;
-	}
-	return true;
-}
-
 /* Bytes of the whole records at the start of data that fit in room */
 static Size
 records_fitting(const char *data, Size len, Size room)
@@ -376,6 +352,56 @@ next_chunk(const char *data, Size len, Size done, uint64 *pos)
 		chunk = records_fitting(data + done, len - done, segsize);
 	}
 	return chunk;
+}
+
+/*
+ * Put len bytes of records at offset off of a segment: copied into its
+ * mapping if map, else written with pwrite(), which can fail half-way (a
+ * fault point does that).  Returns how many bytes went in, -1 on an error.
+ */
+static ssize_t
+wal_put(WalSegment *seg, bool map, const char *data, Size len, off_t off)
+{
+	ssize_t		written;
+
+	if (map)
+	{
+		memcpy(seg->base + off, data, len);
+		return len;
+	}
+	errno = 0;
+	pgstat_report_wait_start(PG_WAIT_EXTENSION);
+	if (fault_armed("wal_write"))
+	{
+		written = pg_pwrite(seg->fd, data, len / 2, off);
+		errno = EIO;
+	}
+	else
+		written = pg_pwrite(seg->fd, data, len, off);
+	pgstat_report_wait_end();
+	return written;
+}
+
+/*
+ * Overwrite [from, upto) with zeros, which readers skip: the bytes a failed
+ * write may have put there.  Caller holds wal_lock.  Returns false if some
+ * could not be overwritten.
+ */
+static bool
+wal_erase(uint64 from, uint64 upto)
+{
+	uint64		segsize = wal_segment_bytes();
+
+	while (from < upto)
+	{
+		Size		n = Min(upto - from, segsize - from % segsize);
+		WalSegment *seg = wal_open_segment(from / segsize, false, LOG);
+
+		if (seg == NULL || !wal_write_zeros(seg->fd, from % segsize, n))
+			return false;
+		from += n;
+	}
+	return true;
 }
 
 /*
@@ -440,27 +466,16 @@ wal_write(const char *data, Size len, uint64 max_qseq, int elevel, bool *in_log)
 
 		/* opened above: this only looks it up */
 		WalSegment *seg = wal_open_segment(segno, map, PANIC);
-		ssize_t		written = chunk;
+		ssize_t		written;
 
 		/* a crash half-way through the write leaves a torn record (test point) */
 		if (fault_armed("mid_wal_write"))
 		{
-			if (map)
-				memcpy(seg->base + pos % segsize, data + done, chunk / 2);
-			else
-				(void) pg_pwrite(seg->fd, data + done, chunk / 2, (off_t) (pos % segsize));
+			(void) wal_put(seg, map, data + done, chunk / 2, (off_t) (pos % segsize));
 			deferred_fault("mid_wal_write");
 		}
 
-		if (map)
-			memcpy(seg->base + pos % segsize, data + done, chunk);
-		else
-		{
-			errno = 0;
-			pgstat_report_wait_start(PG_WAIT_EXTENSION);
-			written = wal_pwrite(seg->fd, data + done, chunk, (off_t) (pos % segsize));
-			pgstat_report_wait_end();
-		}
+		written = wal_put(seg, map, data + done, chunk, (off_t) (pos % segsize));
 		if (written != (ssize_t) chunk)
 		{
 			/*
@@ -840,6 +855,26 @@ wal_flush(uint64 upto)
 }
 
 /*
+ * Append records saying that entries were abandoned, {"t":"a","q":[..]},
+ * at most 1000 entries each, which fits in the smallest segment.  False
+ * (reported at elevel) on failure.
+ */
+static bool
+append_abandoned(StringInfo buf, const uint64 *qseqs, int n, int elevel)
+{
+	for (int from = 0; from < n; from += 1000)
+	{
+		json_t	   *array = json_array();
+
+		for (int i = from; i < Min(n, from + 1000); i++)
+			json_array_append_new(array, json_integer((json_int_t) qseqs[i]));
+		if (!append_record(buf, json_pack("{s:s, s:o}", "t", "a", "q", array), elevel))
+			return false;
+	}
+	return true;
+}
+
+/*
  * Log that entries already written were abandoned: their transaction
  * aborted after pre-commit.  Runs during abort, so it reports failures as
  * WARNINGs and does not fsync (the next commit's fsync covers it); if it is
@@ -849,7 +884,7 @@ wal_flush(uint64 upto)
 void
 wal_append_abort(DeferredEntry **entries, int nentries)
 {
-	json_t	   *qseqs;
+	uint64	   *qseqs;
 	StringInfoData buf;
 	bool		in_log;
 
@@ -858,44 +893,30 @@ wal_append_abort(DeferredEntry **entries, int nentries)
 	/* their write failed and left nothing behind */
 	if (entries[0]->qseq == append_first_qseq && !append_in_log)
 		return;
-	qseqs = json_array();
+	qseqs = palloc(sizeof(uint64) * nentries);
 	for (int i = 0; i < nentries; i++)
-		json_array_append_new(qseqs, json_integer((json_int_t) entries[i]->qseq));
+		qseqs[i] = entries[i]->qseq;
 	initStringInfo(&buf);
-	if (append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", qseqs), WARNING))
+	if (append_abandoned(&buf, qseqs, nentries, WARNING))
 		(void) wal_write(buf.data, buf.len, 0, WARNING, &in_log);
 }
 
 /*
- * Recovery: log, durably, that entries (a list of uint64 *) were abandoned,
- * in records of at most 1000 entries, which fit in the smallest segment.
- * Failures are WARNINGs: recovery goes on without the records.
+ * Recovery: log, durably, that entries were abandoned.  Failures are
+ * WARNINGs: recovery goes on without the records.
  */
 void
-wal_append_abandoned(List *qseqs)
+wal_append_abandoned(const uint64 *qseqs, int n)
 {
 	StringInfoData buf;
-	ListCell   *lc;
-	json_t	   *array = NULL;
-	int			n = 0;
 	bool		in_log;
 	uint64		end;
 
 	if (!deferred_wal_enabled)
 		return;
 	initStringInfo(&buf);
-	foreach(lc, qseqs)
-	{
-		if (array == NULL)
-			array = json_array();
-		json_array_append_new(array, json_integer((json_int_t) *(uint64 *) lfirst(lc)));
-		if (++n % 1000 == 0 || lnext(qseqs, lc) == NULL)
-		{
-			if (!append_record(&buf, json_pack("{s:s, s:o}", "t", "a", "q", array), WARNING))
-				return;
-			array = NULL;
-		}
-	}
+	if (!append_abandoned(&buf, qseqs, n, WARNING))
+		return;
 	end = wal_write(buf.data, buf.len, 0, WARNING, &in_log);
 	if (end != 0)
 		wal_flush(end);

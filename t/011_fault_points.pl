@@ -8,6 +8,8 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use lib 't';
+use AthenaDeferredTest;
 
 my $node = PostgreSQL::Test::Cluster->new('faults');
 $node->init;
@@ -114,10 +116,7 @@ is(applied('after_wal_write'), '1|1', 'after_wal_write without xid: applied once
 for my $mode ('always', 'batch')
 {
 	my $tag = "mid_wal_write_$mode";
-	$node->safe_psql('postgres', "ALTER SYSTEM SET athena_deferred.wal_sync = '$mode'");
-	$node->reload;
-	$node->poll_query_until('postgres', "SELECT current_setting('athena_deferred.wal_sync') = '$mode'")
-	  or die "wal_sync = $mode not taken";
+	set_wal_sync($node, $mode);
 	queue($tag, 1, 50);
 	my $log_offset = -s $node->logfile;
 	($ret, $out, $err) = $node->psql('postgres', qq{
@@ -135,8 +134,7 @@ SELECT deferred_insert('t', '{"id": 1000, "point": "$tag"}');
 	is(applied($tag), '50|50', "$tag: acknowledged entries once, the torn one not at all");
 	unlink($node->data_dir . '/pg_athena_deferred/fault.mid_wal_write');
 }
-$node->safe_psql('postgres', 'ALTER SYSTEM RESET athena_deferred.wal_sync');
-$node->reload;
+set_wal_sync($node, undef);
 
 # the same in a transaction without an xid that queued three entries (into
 # t3): its first record is whole in the log, but its write is not, so none

@@ -116,6 +116,19 @@ sub fill
 	return;
 }
 
+# In one session: k = 1 with the fault point armed, then k = 2 without
+sub fault_then_call
+{
+	my ($point, $tag) = @_;
+	return $node->psql('postgres', qq{
+\\set VERBOSITY verbose
+SET athena_deferred.fault_point = '$point';
+SELECT 'ack:' || deferred_insert('t', '{"k": 1, "tag": "$tag"}');
+RESET athena_deferred.fault_point;
+SELECT 'ack:' || deferred_insert('t', '{"k": 2, "tag": "$tag"}');
+}, on_error_stop => 0);
+}
+
 sub no_panic
 {
 	my ($what) = @_;
@@ -228,22 +241,12 @@ like($out, qr/^ack:\d+$/m, 'write failing half-way: the next call succeeds');
 # in memory: a segment that cannot be mapped fails the commit the same way.
 # (The fault point fails the mapping, which a backend makes once per
 # segment: hence a new session.)
-$node->safe_psql('postgres', "ALTER SYSTEM SET athena_deferred.wal_sync = 'batch'");
-$node->reload;
-$node->poll_query_until('postgres', "SELECT current_setting('athena_deferred.wal_sync') = 'batch'")
-  or die 'wal_sync = batch not taken';
-($ret, $out, $err) = $node->psql('postgres', q{
-\set VERBOSITY verbose
-SET athena_deferred.fault_point = 'wal_write';
-SELECT 'ack:' || deferred_insert('t', '{"k": 1, "tag": "unmapped"}');
-RESET athena_deferred.fault_point;
-SELECT 'ack:' || deferred_insert('t', '{"k": 2, "tag": "unmapped"}');
-}, on_error_stop => 0);
+set_wal_sync($node, 'batch');
+($ret, $out, $err) = fault_then_call('wal_write', 'unmapped');
 like($err, qr/ERROR:  58030: could not map athena_deferred WAL file ".*": Input\/output error/,
 	'segment not mapped: ERROR 58030');
 like($out, qr/\Aack:\d+\Z/, 'segment not mapped: only the next call is acknowledged');
-$node->safe_psql('postgres', 'ALTER SYSTEM RESET athena_deferred.wal_sync');
-$node->reload;
+set_wal_sync($node, undef);
 
 # kill -9 of the postmaster, with a half-made segment of a creator left
 # behind: every acknowledged entry once, nothing that failed
@@ -344,13 +347,7 @@ $node->append_conf('postgresql.conf', "data_sync_retry = on\n");
 $node->restart;
 wait_for_launcher();
 $log_offset = -s $node->logfile;
-($ret, $out, $err) = $node->psql('postgres', q{
-\set VERBOSITY verbose
-SET athena_deferred.fault_point = 'wal_fsync';
-SELECT 'ack:' || deferred_insert('t', '{"k": 1, "tag": "sync_retry"}');
-RESET athena_deferred.fault_point;
-SELECT 'ack:' || deferred_insert('t', '{"k": 2, "tag": "sync_retry"}');
-}, on_error_stop => 0);
+($ret, $out, $err) = fault_then_call('wal_fsync', 'sync_retry');
 like($err, qr/ERROR:  58030: could not fsync athena_deferred WAL file ".*": Input\/output error/,
 	'fsync failure with data_sync_retry = on: ERROR 58030');
 like($out, qr/\Aack:\d+\Z/, 'data_sync_retry = on: the session goes on, the next call is acknowledged');

@@ -6,7 +6,7 @@ use warnings;
 use Exporter 'import';
 use PostgreSQL::Test::Utils;
 
-our @EXPORT = qw(start_after_kill9);
+our @EXPORT = qw(start_after_kill9 set_wal_sync);
 
 # Start a node whose postmaster was killed with SIGKILL: its children leave
 # on their own, and the server cannot start before they have.  Returns
@@ -26,6 +26,27 @@ sub start_after_kill9
 		sleep(1);
 	}
 	return 0;
+}
+
+# Set athena_deferred.wal_sync (a reload setting) and wait until new
+# sessions see it; undef resets it.
+sub set_wal_sync
+{
+	my ($node, $mode) = @_;
+
+	if (defined $mode)
+	{
+		$node->safe_psql('postgres', "ALTER SYSTEM SET athena_deferred.wal_sync = '$mode'");
+	}
+	else
+	{
+		$node->safe_psql('postgres', 'ALTER SYSTEM RESET athena_deferred.wal_sync');
+	}
+	$node->reload;
+	my $want = $mode // 'always';
+	$node->poll_query_until('postgres', "SELECT current_setting('athena_deferred.wal_sync') = '$want'")
+	  or die "wal_sync = $want not taken";
+	return;
 }
 
 1;
