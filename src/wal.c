@@ -142,6 +142,7 @@ wal_create_segment(uint64 segno, int elevel)
 	char	   *tmppath = psprintf("%s/tmp.%d", deferred_wal_dir, MyProcPid);
 	uint64		size = wal_segment_bytes();
 	int			fd;
+	bool		filled;
 	bool		linked;
 
 	(void) MakePGDirectory(deferred_wal_dir);
@@ -154,24 +155,13 @@ wal_create_segment(uint64 segno, int elevel)
 				 errmsg("could not create athena_deferred WAL file \"%s\": %m", tmppath)));
 		return false;
 	}
-	if (!wal_write_zeros(fd, 0, size))
-	{
-		int			save_errno = errno;
-
-		close(fd);
-		unlink(tmppath);
-		errno = save_errno;
-		ereport(elevel,
-				(errcode_for_file_access(),
-				 errmsg("could not zero-fill athena_deferred WAL file \"%s\": %m", tmppath)));
-		return false;
-	}
 	/*
 	 * A failed fsync here loses nothing: the file is thrown away, and the
 	 * next attempt writes a new one rather than trusting a second fsync of
 	 * this one.  So this is not a reason to PANIC.
 	 */
-	if (pg_fsync(fd) != 0)
+	filled = wal_write_zeros(fd, 0, size);
+	if (!filled || pg_fsync(fd) != 0)
 	{
 		int			save_errno = errno;
 
@@ -180,7 +170,8 @@ wal_create_segment(uint64 segno, int elevel)
 		errno = save_errno;
 		ereport(elevel,
 				(errcode_for_file_access(),
-				 errmsg("could not fsync athena_deferred WAL file \"%s\": %m", tmppath)));
+				 filled ? errmsg("could not fsync athena_deferred WAL file \"%s\": %m", tmppath)
+				 : errmsg("could not zero-fill athena_deferred WAL file \"%s\": %m", tmppath)));
 		return false;
 	}
 	close(fd);
